@@ -1,0 +1,1 @@
+"""The backends behind one small interface (see :mod:`.base`)."""

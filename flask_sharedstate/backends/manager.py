@@ -1,0 +1,532 @@
+"""The ``manager`` backend: the client side of the embedded state server.
+
+What it promises, and how:
+
+* **Election.** Whoever cannot connect takes an ``flock`` on the address's
+  ``.lock`` file, tries once more, and only then removes a stale socket file
+  and starts a server. The kernel drops the ``flock`` of a process that dies,
+  so a crashed starter never blocks the next one, and however many processes
+  race, one server starts.
+* **A fresh process.** The server is a new interpreter started with every
+  descriptor closed, in a session of its own, and it detaches from its
+  starter: killing or recycling the worker that started it does not touch it.
+  It stops when its *owner* is gone (see :func:`owner_process`).
+* **Self-healing.** A request that finds its connection dead before it was
+  sent reconnects, re-electing a server if needed, and is sent again. A
+  request whose reply is lost is not repeated (it may have been applied),
+  except for reads; it raises :exc:`SharedStateUnavailable`.
+* **Fork and thread safety.** Each thread has its own connection; a forked
+  child drops every connection it inherited and opens its own.
+* **Bounded waits.** Connecting, and every reply, is bounded by
+  ``SHAREDSTATE_TIMEOUT`` (plus the lock wait the caller asked for).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import multiprocessing
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..config import Settings, runtime_dir
+from ..errors import (
+    AuthenticationError,
+    ConfigError,
+    LockTimeout,
+    SharedStateUnavailable,
+)
+from ..server import protocol
+from ..server.process import process_start_time
+from .base import Backend, Packed
+
+#: Operations that only read: safe to send again when their reply was lost.
+READ_ONLY = frozenset(
+    "get contains get_many ttl length keys items locked ping info".split()
+)
+#: Operations whose last argument is how long the server may wait for a lock.
+WAITING = frozenset(("acquire",))
+WAITING_BEFORE_SESSION = frozenset(("txn_read", "txn_commit"))
+
+_ERRORS: dict[str, type[Exception]] = {
+    "KeyError": KeyError,
+    "TypeError": TypeError,
+    "ValueError": ValueError,
+    "RuntimeError": RuntimeError,
+    "LockTimeout": LockTimeout,
+}
+
+# Bumped in every forked child: connections of an older generation are the parent's.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _parent_is_gunicorn() -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return b"gunicorn" in f.read()
+    except OSError:
+        return False
+
+
+def owner_process() -> int:
+    """The process whose end should end a server that this process starts.
+
+    A worker of a pre-fork server is recycled at will, so its parent owns the
+    state server: the gunicorn master, the Werkzeug reloader's watcher, the
+    uWSGI master, or the parent of a :mod:`multiprocessing` child. Any other
+    process (a script, ``flask run`` without the reloader, a gunicorn master
+    using the state before it forks) owns the server itself.
+    """
+    parent = os.getppid()
+    if parent > 1:
+        if "gunicorn" in sys.modules and _parent_is_gunicorn():
+            return parent
+        if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+            return parent
+        if multiprocessing.parent_process() is not None:
+            return parent
+        uwsgi = sys.modules.get("uwsgi")
+        if uwsgi is not None and hasattr(uwsgi, "masterpid") and uwsgi.masterpid() > 0:
+            return int(uwsgi.masterpid())
+    return os.getpid()
+
+
+class _Link:
+    """One authenticated connection of one thread to the server.
+
+    Replies are read with a blocking read bounded by ``SO_RCVTIMEO`` (no
+    extra ``poll`` per request): ``wait`` is the bound in force.
+    """
+
+    __slots__ = ("sock", "conn", "poller", "generation", "server_pid", "wait")
+
+    def __init__(self, sock: socket.socket, conn: Connection, wait: float) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
+        self.generation = _fork_generation
+        self.server_pid = 0
+        self.wait = wait
+
+    def bound_reads(self, wait: float) -> None:
+        if wait != self.wait:
+            protocol.set_receive_timeout(self.sock, wait)
+            self.wait = wait
+
+    def close(self) -> None:
+        for closable in (self.conn, self.sock):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
+
+class _Broken(Exception):
+    """The link died; ``delivered`` tells whether the request may have arrived."""
+
+    def __init__(self, delivered: bool, cause: BaseException) -> None:
+        self.delivered = delivered
+        self.cause = cause
+
+
+_ALL: weakref.WeakSet[ManagerBackend] = weakref.WeakSet()
+
+
+class ManagerBackend(Backend):
+    name = "manager"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = settings.address
+        self._timeout = settings.timeout
+        self._wait = 2 * settings.timeout
+        self._local = threading.local()
+        self._defaults: list[tuple[str, Packed]] = []
+        self._key: bytes | None = settings.key
+        self._key_lock = threading.Lock()
+        _ALL.add(self)
+
+    # -- the interface ---------------------------------------------------------
+
+    def set_defaults(self, defaults: list[tuple[str, Packed]]) -> None:
+        # Sent on every new connection: a new server gets them from its first client.
+        self._defaults = list(defaults)
+        self.close()
+
+    def close(self) -> None:
+        link: _Link | None = getattr(self._local, "link", None)
+        self._local.link = None
+        if link is not None and link.generation == _fork_generation:
+            link.close()
+
+    def call(self, op: str, *args: Any) -> Any:
+        # The server answers at once, except when an operation waits for a lock,
+        # an atomic block, or a key claimed by one: at most the timeout it was given.
+        wait = self._wait
+        if op in WAITING:
+            wait += args[-1]
+        elif op in WAITING_BEFORE_SESSION:
+            wait += args[1]
+        request = protocol.dumps((op, *args))
+        link = self._link()
+        try:
+            reply = self._round_trip(link, request, wait)
+        except _Broken as broken:
+            self._drop(link)
+            if broken.delivered and op not in READ_ONLY:
+                raise SharedStateUnavailable(
+                    f"lost the connection to the state server at {self.address} while"
+                    f" waiting for the reply to {op!r}; it may or may not have been applied."
+                ) from broken.cause
+            try:
+                link = self._link()
+                reply = self._round_trip(link, request, wait)
+            except _Broken as again:
+                self._drop(link)
+                raise SharedStateUnavailable(
+                    f"the state server at {self.address} went away during {op!r}"
+                ) from again.cause
+        if reply[0]:
+            return reply[1]
+        raise _ERRORS.get(reply[1], RuntimeError)(*reply[2])
+
+    def server_pid(self) -> int:
+        """The pid of the server this thread is connected to (connecting if needed)."""
+        return self._link().server_pid
+
+    # -- one request -------------------------------------------------------------
+
+    def _round_trip(self, link: _Link, request: bytes, wait: float) -> Any:
+        conn = link.conn
+        if self.settings.tcp is not None and link.poller.poll(0):
+            # Nothing is due, so the server closed this connection (TCP would only
+            # report that on the next receive, after the request had gone out).
+            raise _Broken(False, EOFError("connection closed by the state server"))
+        try:
+            link.bound_reads(wait)
+            conn.send_bytes(request)
+        except OSError as exc:
+            raise _Broken(False, exc) from exc
+        except BaseException:
+            self._drop(link)  # e.g. gunicorn's timeout exception, mid-message
+            raise
+        try:
+            return protocol.loads(conn.recv_bytes())
+        except BlockingIOError:
+            self._drop(link)
+            raise SharedStateUnavailable(
+                f"the state server at {self.address} did not answer within"
+                f" {wait:g}s (SHAREDSTATE_TIMEOUT); is it overloaded or stopped?"
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise _Broken(True, exc) from exc
+        except BaseException:
+            self._drop(link)
+            raise
+
+    def _drop(self, link: _Link) -> None:
+        link.close()
+        if getattr(self._local, "link", None) is link:
+            self._local.link = None
+
+    # -- connecting ----------------------------------------------------------------
+
+    def _link(self) -> _Link:
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            if link.generation == _fork_generation:
+                return link
+            # Inherited through fork: the parent owns it. Drop our copy quietly.
+            link.close()
+        link = self._local.link = self._connect()
+        return link
+
+    def _connect(self) -> _Link:
+        deadline = time.monotonic() + self._timeout
+        key = self._auth_key()
+        last: BaseException | None = None
+        while True:
+            try:
+                return self._open(key, deadline)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                last = exc
+            except (OSError, EOFError) as exc:
+                # The server went away between accept and handshake: try again.
+                last = exc
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return self._elect(key, deadline)
+            except (OSError, EOFError) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        raise SharedStateUnavailable(
+            f"cannot reach the state server at {self.address} within {self._timeout:g}s"
+            f" (SHAREDSTATE_TIMEOUT): {last}. See {self.settings.run_base}.log for the"
+            " server's own account."
+        ) from last
+
+    def _open(self, key: bytes, deadline: float) -> _Link:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        if self.settings.tcp is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = self.settings.socket_path
+        else:
+            host, port = self.settings.tcp
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = info[4]
+        try:
+            sock.settimeout(remaining)
+            sock.connect(target)
+            sock.settimeout(None)
+            # Bound every read: a stopped server must not hang this worker.
+            protocol.set_receive_timeout(sock, remaining)
+            conn = Connection(os.dup(sock.fileno()))
+        except BaseException:
+            sock.close()
+            raise
+        link = _Link(sock, conn, remaining)
+        try:
+            try:
+                protocol.client_handshake(conn, key)
+            except multiprocessing.AuthenticationError:
+                raise AuthenticationError(
+                    f"the state server at {self.address} refused this process's key."
+                    " Every worker of the app must use the same SHAREDSTATE_KEY (derived"
+                    " from SECRET_KEY when unset); if it changed, stop the old server."
+                ) from None
+            except AssertionError:
+                raise SharedStateUnavailable(
+                    f"{self.address} is not a Flask-SharedState state server"
+                ) from None
+            conn.send_bytes(
+                protocol.dumps(
+                    (
+                        "hello",
+                        protocol.PROTOCOL_VERSION,
+                        self.settings.namespace,
+                        self._timeout,
+                    )
+                )
+            )
+            ok, welcome, *_ = protocol.loads(conn.recv_bytes())
+            if not ok:
+                raise SharedStateUnavailable(
+                    f"the state server at {self.address} speaks another protocol version;"
+                    " stop it so that this version can start its own."
+                )
+            link.server_pid = welcome["pid"]
+            if self._defaults:
+                conn.send_bytes(protocol.dumps(("apply_defaults", self._defaults)))
+                reply = protocol.loads(conn.recv_bytes())
+                if not reply[0]:
+                    raise _ERRORS.get(reply[1], RuntimeError)(*reply[2])
+            link.bound_reads(self._wait)
+            return link
+        except BlockingIOError:
+            link.close()
+            raise SharedStateUnavailable(
+                f"the state server at {self.address} accepted the connection but did not"
+                f" answer within {self._timeout:g}s (SHAREDSTATE_TIMEOUT); is it stopped?"
+            ) from None
+        except BaseException:
+            link.close()
+            raise
+
+    def _elect(self, key: bytes, deadline: float) -> _Link:
+        """Under the address's flock: connect if someone won, else start a server."""
+        lock_path = self.settings.run_base + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise SharedStateUnavailable(
+                            f"another process has been starting the state server at"
+                            f" {self.address} for longer than SHAREDSTATE_TIMEOUT"
+                        ) from None
+                    time.sleep(0.005)
+            try:
+                return self._open(key, deadline)
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            self._start_server(key, deadline)
+            return self._open(key, deadline)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _start_server(self, key: bytes, deadline: float) -> None:
+        settings = self.settings
+        if settings.tcp is None:
+            # Nobody listens (we hold the election lock): the file is a dead server's.
+            try:
+                os.unlink(settings.socket_path)
+            except FileNotFoundError:
+                pass
+            where = ["--unix", settings.socket_path]
+        else:
+            host, port = settings.tcp
+            where = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        owner = owner_process()
+        command = [
+            sys.executable,
+            "-m",
+            "flask_sharedstate.server",
+            *where,
+            "--owner-pid",
+            str(owner),
+            "--owner-start",
+            str(process_start_time(owner)),
+            "--detach",
+        ]
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [package_root, env.get("PYTHONPATH")])
+        )
+        ready_r, ready_w = os.pipe()
+        log = os.fdopen(
+            os.open(
+                settings.run_base + ".log",
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                0o600,
+            ),
+            "ab",
+        )
+        try:
+            proc = subprocess.Popen(
+                [*command, "--ready-fd", str(ready_w)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                pass_fds=(ready_w,),
+                close_fds=True,
+                start_new_session=True,
+                cwd="/",
+                env=env,
+            )
+        finally:
+            log.close()
+            os.close(ready_w)
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(key)
+            proc.stdin.close()
+            line = self._read_ready(ready_r, deadline)
+        finally:
+            os.close(ready_r)
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if line.startswith("ready") or line == "in-use":
+            return  # in use: some other process listens there; connect to it
+        raise SharedStateUnavailable(
+            f"could not start the state server at {self.address}:"
+            f" {line or 'it exited without a word'}. See {settings.run_base}.log."
+        )
+
+    @staticmethod
+    def _read_ready(fd: int, deadline: float) -> str:
+        data = b""
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return "error it did not say it was ready in time"
+            chunk = os.read(fd, 256)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").strip()
+
+    # -- the key ---------------------------------------------------------------------
+
+    def _auth_key(self) -> bytes:
+        self._private_folder()
+        if self._key is not None:
+            return self._key
+        with self._key_lock:
+            if self._key is None:
+                self._key = _read_or_create_key(self.settings.key_file)
+            return self._key
+
+    def _private_folder(self) -> None:
+        folder = os.path.dirname(self.settings.run_base)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the folder {folder} for the state server's socket:"
+                f" {exc.strerror}. Set SHAREDSTATE_SOCKET to a path in a writable folder."
+            ) from None
+        if folder == runtime_dir():
+            info = os.lstat(folder)
+            if (
+                not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.getuid()
+                or info.st_mode & 0o077
+            ):
+                raise ConfigError(
+                    f"{folder} must be a folder owned by this user with mode 0700, so that"
+                    " no one else can reach the state server; remove it, or set"
+                    " SHAREDSTATE_SOCKET to a path in a private folder."
+                )
+
+
+def _read_or_create_key(path: str) -> bytes:
+    """Read the key file, or create it (0600, atomically) with a random key."""
+    for _ in range(50):
+        try:
+            with open(path, "rb") as f:
+                info = os.fstat(f.fileno())
+                if info.st_uid != os.getuid() or info.st_mode & 0o077:
+                    raise ConfigError(
+                        f"the key file {path} must be owned by this user with mode 0600;"
+                        " remove it, or set SHAREDSTATE_KEY."
+                    )
+                key = f.read()
+            if key:
+                return key
+        except FileNotFoundError:
+            pass
+        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(32).hex().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)  # fails if another process was first
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        finally:
+            os.unlink(temporary)
+    raise SharedStateUnavailable(f"cannot read the key file {path}")

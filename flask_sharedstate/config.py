@@ -1,0 +1,236 @@
+"""The ``SHAREDSTATE_*`` configuration keys: defaults, validation, messages.
+
+:func:`load_settings` reads every key once, at ``init_app``, and turns a wrong
+value into a :exc:`~flask_sharedstate.ConfigError` that names the key, the bad
+value and what was expected. It touches neither the network nor the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from .errors import ConfigError
+
+#: Every key, with its default. ``None`` means unset.
+DEFAULTS: dict[str, Any] = {
+    "SHAREDSTATE_BACKEND": "manager",
+    "SHAREDSTATE_HOST": None,
+    "SHAREDSTATE_PORT": None,
+    "SHAREDSTATE_SOCKET": None,
+    "SHAREDSTATE_KEY": None,
+    "SHAREDSTATE_PERSIST_PATH": None,
+    "SHAREDSTATE_FSYNC": "everysec",
+    "SHAREDSTATE_REDIS_URL": None,
+    "SHAREDSTATE_NAMESPACE": None,
+    "SHAREDSTATE_TIMEOUT": 5.0,
+}
+
+BACKENDS = ("manager", "memory", "redis")
+FSYNC_POLICIES = ("always", "everysec", "no")
+
+#: Unix socket paths longer than this do not fit ``sockaddr_un``.
+MAX_SOCKET_PATH = 107
+MIN_REMOTE_KEY = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one app."""
+
+    backend: str
+    #: ``(host, port)`` for TCP, or None for the unix socket
+    tcp: tuple[str, int] | None
+    socket_path: str
+    #: the auth key, or None to use (and create) the key file
+    key: bytes | None
+    #: path prefix of the files that go with the address: ``.key``, ``.lock``, ``.log``
+    run_base: str
+    namespace: str
+    timeout: float
+
+    @property
+    def key_file(self) -> str:
+        return self.run_base + ".key"
+
+    @property
+    def address(self) -> str:
+        """The server address as a user would write it, for messages."""
+        if self.tcp is not None:
+            host, port = self.tcp
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self.socket_path
+
+
+def runtime_dir() -> str:
+    """The private per-user folder that holds sockets and key files.
+
+    ``$XDG_RUNTIME_DIR`` where the system provides one, else the temp folder.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isdir(base):
+        base = tempfile.gettempdir()
+    return os.path.join(base, f"flask-sharedstate-{os.getuid()}")
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not valid: expected {expected}.")
+
+
+def _text(config: Any, key: str) -> str | None:
+    value = config[key]
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _fail(key, value, "a string")
+    return value
+
+
+def _app_slug(app: Flask) -> str:
+    """A per-app name: readable, and unique per app location on this machine."""
+    identity = f"{app.import_name}\0{app.root_path}".encode()
+    digest = hashlib.sha256(identity).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", app.name)[:32] or "app"
+    return f"{name}-{digest}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(app: Flask) -> Settings:
+    """Default, read and validate every ``SHAREDSTATE_*`` key of ``app``."""
+    config = app.config
+    for key, default in DEFAULTS.items():
+        config.setdefault(key, default)
+
+    backend = _text(config, "SHAREDSTATE_BACKEND") or "manager"
+    if backend not in BACKENDS:
+        raise _fail(
+            "SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS))
+        )
+    if backend == "redis":
+        raise ConfigError(
+            "SHAREDSTATE_BACKEND = 'redis' is not available in this version of"
+            " Flask-SharedState; use 'manager' (the default) or 'memory'."
+        )
+
+    timeout = config["SHAREDSTATE_TIMEOUT"]
+    if isinstance(timeout, str):
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a number of seconds") from None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not timeout > 0
+    ):
+        raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a positive number of seconds")
+    timeout = float(timeout)
+
+    if _text(config, "SHAREDSTATE_PERSIST_PATH") is not None:
+        raise ConfigError(
+            "SHAREDSTATE_PERSIST_PATH is set, but persistence is not available in this"
+            " version of Flask-SharedState: the state lives in memory only. Remove the"
+            " key to accept that."
+        )
+    fsync = _text(config, "SHAREDSTATE_FSYNC") or "everysec"
+    if fsync not in FSYNC_POLICIES:
+        raise _fail(
+            "SHAREDSTATE_FSYNC", fsync, "one of " + ", ".join(map(repr, FSYNC_POLICIES))
+        )
+
+    namespace = config["SHAREDSTATE_NAMESPACE"]
+    if namespace is None:
+        namespace = app.name
+    elif not isinstance(namespace, str) or not namespace:
+        raise _fail("SHAREDSTATE_NAMESPACE", namespace, "a non-empty string")
+
+    host = _text(config, "SHAREDSTATE_HOST")
+    port = config["SHAREDSTATE_PORT"]
+    tcp = None
+    if port is not None and port != "":
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise _fail("SHAREDSTATE_PORT", port, "a TCP port number from 1 to 65535")
+        tcp = (host or "127.0.0.1", port)
+    elif host is not None:
+        raise ConfigError(
+            f"SHAREDSTATE_HOST = {host!r} is set but SHAREDSTATE_PORT is not: set both"
+            " to use TCP, or neither to use a unix socket."
+        )
+
+    slug = _app_slug(app)
+    socket_path = _text(config, "SHAREDSTATE_SOCKET")
+    if socket_path is None:
+        socket_path = os.path.join(runtime_dir(), f"{slug}.sock")
+    else:
+        socket_path = os.path.abspath(socket_path)
+    if tcp is None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise _fail(
+            "SHAREDSTATE_SOCKET",
+            socket_path,
+            f"a path of at most {MAX_SOCKET_PATH} bytes (unix sockets allow no more)",
+        )
+
+    key: bytes | None
+    raw_key = config["SHAREDSTATE_KEY"]
+    if raw_key is not None and raw_key != "" and raw_key != b"":
+        if isinstance(raw_key, str):
+            key = raw_key.encode()
+        elif isinstance(raw_key, bytes):
+            key = raw_key
+        else:
+            raise ConfigError("SHAREDSTATE_KEY is not valid: expected a str or bytes.")
+        if tcp is not None and not _is_loopback(tcp[0]) and len(key) < MIN_REMOTE_KEY:
+            raise ConfigError(
+                f"SHAREDSTATE_KEY is too short for a non-loopback SHAREDSTATE_HOST:"
+                f" use at least {MIN_REMOTE_KEY} bytes, e.g. secrets.token_hex(32)."
+            )
+    else:
+        if tcp is not None and not _is_loopback(tcp[0]):
+            raise ConfigError(
+                f"SHAREDSTATE_HOST = {tcp[0]!r} is not a loopback address, so"
+                f" SHAREDSTATE_KEY must be set explicitly, to at least {MIN_REMOTE_KEY}"
+                " bytes (e.g. secrets.token_hex(32)), on every machine that connects."
+            )
+        secret = app.config.get("SECRET_KEY")
+        if secret:
+            if isinstance(secret, str):
+                secret = secret.encode()
+            key = hmac.new(secret, b"flask-sharedstate key", "sha256").digest()
+        else:
+            key = None
+
+    if tcp is not None:
+        host, port = tcp
+        run_base = os.path.join(
+            runtime_dir(), f"tcp-{re.sub(r'[^A-Za-z0-9_.-]+', '-', host)}-{port}"
+        )
+    else:
+        run_base = socket_path
+
+    return Settings(
+        backend=backend,
+        tcp=tcp,
+        socket_path=socket_path,
+        key=key,
+        run_base=run_base,
+        namespace=namespace,
+        timeout=timeout,
+    )

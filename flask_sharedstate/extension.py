@@ -1,0 +1,434 @@
+"""The Flask extension: :class:`SharedState` and the faces it gives an app.
+
+``shared.dict`` (a :class:`~collections.abc.MutableMapping`), the single-step
+operations (``shared.incr`` ...), ``shared.lock`` and ``shared.atomic`` all
+find the current app's :class:`AppState` and send each call either straight
+to its backend or into the atomic block that is open in this context.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any, TypeVar, overload
+
+from flask import Flask, current_app, has_app_context
+
+from .atomic import Transaction
+from .backends.base import Backend, check_key, pack
+from .config import Settings, load_settings
+from .errors import LockTimeout
+from .operations import MISSING, Direct, Operations
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The name of the global lock. Named locks cannot take it.
+GLOBAL_LOCK = "__global__"
+
+
+def _make_backend(settings: Settings) -> Backend:
+    if settings.backend == "memory":
+        from .backends.memory import MemoryBackend
+
+        return MemoryBackend(settings.namespace, settings.timeout)
+    from .backends.manager import ManagerBackend
+
+    return ManagerBackend(settings)
+
+
+class AppState:
+    """The per-app state, at ``app.extensions["sharedstate"]``.
+
+    :ivar settings: the validated configuration
+    :ivar backend: the backend; it connects on first use, not before
+    """
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.direct = Direct(backend)
+        self.transaction: ContextVar[Transaction | None] = ContextVar(
+            "sharedstate_transaction", default=None
+        )
+
+    def operations(self) -> Operations:
+        return self.transaction.get() or self.direct
+
+
+class SharedState:
+    """One shared dict and lock for every worker process of a Flask app.
+
+    :param app: the app, or None to call :meth:`init_app` later.
+    :param defaults: initial values, set only where a key is absent.
+
+    Reads these config keys (see the README for each): ``SHAREDSTATE_BACKEND``,
+    ``SHAREDSTATE_HOST``, ``SHAREDSTATE_PORT``, ``SHAREDSTATE_SOCKET``,
+    ``SHAREDSTATE_KEY``, ``SHAREDSTATE_PERSIST_PATH``, ``SHAREDSTATE_FSYNC``,
+    ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_NAMESPACE``, ``SHAREDSTATE_TIMEOUT``.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None
+    ):
+        self._app: Flask | None = None
+        self._faces = threading.local()
+        self.dict: SharedDict = SharedDict(self)
+        self.lock: GlobalLock = GlobalLock(self)
+        if app is not None:
+            self.init_app(app, defaults=defaults)
+            self._app = app
+
+    def init_app(
+        self, app: Flask, *, defaults: Mapping[str, Any] | None = None
+    ) -> None:
+        """Register the extension on ``app``. Connects to nothing.
+
+        :param defaults: keys and values to set where a key is absent: on the
+            first use in each process, and on every new state server. Never a
+            reset of live state.
+        :raises ConfigError: a ``SHAREDSTATE_*`` key has a wrong value.
+        :raises TypeError: a default value cannot be stored.
+        """
+        if "sharedstate" in app.extensions:
+            raise RuntimeError(
+                "A 'SharedState' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        settings = load_settings(app)
+        packed = [(check_key(k), pack(k, v)) for k, v in (defaults or {}).items()]
+        backend = _make_backend(settings)
+        if packed:
+            backend.set_defaults(packed)
+        app.extensions["sharedstate"] = AppState(settings, backend)
+
+    # -- finding the app's state ----------------------------------------------------
+
+    def state(self) -> AppState:
+        """The :class:`AppState` of the current app (or of the app given to the constructor)."""
+        if has_app_context():
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        elif self._app is not None:
+            app = self._app
+        else:
+            raise RuntimeError(
+                "Working outside of application context: use SharedState inside a request"
+                " or an 'app.app_context()', or pass the app to SharedState(app)."
+            )
+        try:
+            return app.extensions["sharedstate"]  # type: ignore[no-any-return]
+        except KeyError:
+            raise RuntimeError(
+                "The current Flask app is not registered with this 'SharedState' instance."
+                " Did you forget to call 'init_app', or create multiple 'SharedState'"
+                " instances?"
+            ) from None
+
+    def _ops(self) -> Operations:
+        return self.state().operations()
+
+    # -- single-step operations -----------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (a copy), or ``default``."""
+        value = self._ops().get(key)
+        return default if value is MISSING else value
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` at ``key``; with ``ttl``, the key expires after that many seconds.
+
+        :raises TypeError: the value cannot be pickled; nothing is written.
+        """
+        self._ops().set(key, value, ttl)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; return whether it was there."""
+        return self._ops().delete(key)
+
+    def incr(self, key: str, delta: int | float = 1) -> int | float:
+        """Add ``delta`` to the number at ``key`` (absent counts as 0); return the new value.
+
+        One round trip, atomic in the server: no lock needed. Keeps the key's ttl.
+        """
+        return self._ops().incr(key, delta)
+
+    def setdefault(
+        self, key: str, default: Any = None, *, ttl: float | None = None
+    ) -> Any:
+        """The value of ``key``; if absent, set it to ``default`` first (one step)."""
+        return self._ops().setdefault(key, default, ttl)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """Remove ``key`` and return its value, or ``default``, or raise KeyError."""
+        value = self._ops().pop(key)
+        if value is MISSING:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        return value
+
+    def get_many(self, keys: list[str], default: Any = None) -> dict[str, Any]:
+        """The values of ``keys`` as a dict, read in one step; absent ones are ``default``."""
+        values = self._ops().get_many(list(keys))
+        return {k: default if v is MISSING else v for k, v in zip(keys, values)}
+
+    def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` in one step: all or (on a bad value) none."""
+        self._ops().set_many(mapping, ttl)
+
+    def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
+        """Set ``key`` to ``new`` only if its value equals ``expected``; return whether it did.
+
+        Outside ``atomic``, values other than numbers are compared by their pickles.
+        """
+        return self._ops().compare_and_set(key, expected, new)
+
+    def expire(self, key: str, seconds: float | None) -> bool:
+        """Make ``key`` expire after ``seconds`` (None: never); return whether it exists."""
+        return self._ops().expire(key, seconds)
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires, or None if it never does.
+
+        :raises KeyError: the key is absent.
+        """
+        return self._ops().ttl(key)
+
+    # -- atomic blocks ------------------------------------------------------------------
+
+    @overload
+    def atomic(self, func: F) -> F: ...
+    @overload
+    def atomic(self, func: None = None, *, timeout: float | None = None) -> _Atomic: ...
+
+    def atomic(
+        self, func: Callable[..., Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """A locked read-modify-write block, as a decorator or a context manager::
+
+            @shared.atomic
+            def view(): ...
+
+            @shared.atomic(timeout=2)
+            def view(): ...
+
+            with shared.atomic():
+                shared.dict["cart"].append(item)
+
+        Values read inside are the block's own; their nested edits, writes,
+        deletes and ``incr`` are written together when the block exits, and
+        dropped when it raises. Nested blocks join the outer one.
+
+        :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``).
+        :raises LockTimeout: waited longer than ``timeout``.
+        """
+        block = _Atomic(self, timeout)
+        if func is not None:
+            return block(func)
+        return block
+
+
+class _Atomic:
+    """``shared.atomic(...)``: a reusable decorator and context manager."""
+
+    def __init__(self, shared: SharedState, timeout: float | None) -> None:
+        self._shared = shared
+        self._timeout = timeout
+        self._opened = threading.local()
+
+    def __call__(self, func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with _Atomic(self._shared, self._timeout):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    def __enter__(self) -> _Atomic:
+        state = self._shared.state()
+        stack: list[Any] = self._opened.__dict__.setdefault("stack", [])
+        if state.transaction.get() is not None:
+            stack.append(None)  # joins the outer block
+            return self
+        timeout = self._timeout if self._timeout is not None else state.settings.timeout
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout < 0
+        ):
+            raise ValueError(
+                f"atomic(timeout=...) must be a number of seconds, not {timeout!r}"
+            )
+        txn = Transaction(state.backend, float(timeout))
+        stack.append((state, txn, state.transaction.set(txn)))
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        entry = self._opened.stack.pop()
+        if entry is None:
+            return
+        state, txn, token = entry
+        state.transaction.reset(token)
+        if exc_type is None:
+            txn.commit()
+        else:
+            txn.abort()
+
+
+class SharedDict(MutableMapping[str, Any]):
+    """``shared.dict``: the current app's shared state as a mapping.
+
+    Every call is one atomic step. Values are copies: outside ``atomic``,
+    ``shared.dict["cart"].append(x)`` changes only the copy, so use
+    ``shared.atomic`` for nested edits.
+    """
+
+    def __init__(self, shared: SharedState) -> None:
+        self._shared = shared
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._shared._ops().get(key)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._shared._ops().set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if not self._shared._ops().delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return self._shared._ops().contains(key)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shared._ops().keys())
+
+    def __len__(self) -> int:
+        return self._shared._ops().length()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._shared._ops().get(key)
+        return default if value is MISSING else value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        return self._shared._ops().setdefault(key, default)
+
+    _marker: Any = object()
+
+    def pop(self, key: str, default: Any = _marker) -> Any:
+        value = self._shared._ops().pop(key)
+        if value is MISSING:
+            if default is self._marker:
+                raise KeyError(key)
+            return default
+        return value
+
+    def popitem(self) -> tuple[str, Any]:
+        for key in self:
+            value = self._shared._ops().pop(key)
+            if value is not MISSING:
+                return key, value
+        raise KeyError("popitem(): shared dict is empty")
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        items = dict(other, **kwargs)
+        self._shared._ops().set_many(items)
+
+    def clear(self) -> None:
+        self._shared._ops().clear()
+
+    def items(self) -> Any:
+        return self._shared._ops().items()
+
+    def values(self) -> Any:
+        return [v for _, v in self._shared._ops().items()]
+
+    def keys(self) -> Any:
+        return self._shared._ops().keys()
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of every key and value, read in one step."""
+        return dict(self._shared._ops().items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self.copy() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<SharedDict of {self._shared!r}>"
+
+
+class Lock:
+    """A lock shared by every process of the app.
+
+    Held by one thread at a time and not reentrant. If the process holding it
+    dies, the state server releases it at once.
+    """
+
+    def __init__(self, shared: SharedState, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"lock names must be non-empty str, not {name!r}")
+        self._shared = shared
+        self.name = name
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock.
+
+        :param blocking: if False, return at once: True if taken, else False.
+        :param timeout: seconds to wait (default ``SHAREDSTATE_TIMEOUT``).
+        :raises LockTimeout: it was not free within ``timeout``.
+        """
+        state = self._shared.state()
+        if not blocking:
+            return bool(state.backend.call("acquire", self.name, 0.0))
+        if timeout is None:
+            timeout = state.settings.timeout
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout < 0
+        ):
+            raise ValueError(
+                f"acquire(timeout=...) must be seconds >= 0, not {timeout!r}"
+            )
+        if not state.backend.call("acquire", self.name, float(timeout)):
+            raise LockTimeout(f"lock {self.name!r} was not free within {timeout:g}s")
+        return True
+
+    def release(self) -> None:
+        """Release the lock; RuntimeError if this thread does not hold it."""
+        self._shared.state().backend.call("release", self.name)
+
+    def locked(self) -> bool:
+        """Whether any process holds the lock now."""
+        return bool(self._shared.state().backend.call("locked", self.name))
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<Lock {self.name!r}>"
+
+
+class GlobalLock(Lock):
+    """``shared.lock``: the global lock; ``shared.lock("name")`` gives a named one."""
+
+    def __init__(self, shared: SharedState) -> None:
+        super().__init__(shared, GLOBAL_LOCK)
+
+    def __call__(self, name: str) -> Lock:
+        if name == GLOBAL_LOCK:
+            raise ValueError(
+                f"{GLOBAL_LOCK!r} is the global lock's name: use shared.lock"
+            )
+        return Lock(self._shared, name)

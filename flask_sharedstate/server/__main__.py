@@ -1,0 +1,112 @@
+"""Run a state server: ``python -m flask_sharedstate.server [options]``.
+
+Started by the ``manager`` backend (see ``backends/manager.py``), which
+passes the key on standard input (never on the command line, where ``ps``
+would show it) and waits on ``--ready-fd`` for one line: ``ready PID`` once
+the server listens, ``in-use`` if the address is taken, or ``error MESSAGE``.
+With ``--detach`` the server forks once after binding, so that it is nobody's
+child but init's: its starter can exit, or be killed, without taking it along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from .process import StateServer, install_signal_handlers
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flask_sharedstate.server")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on this TCP address")
+    parser.add_argument("--owner-pid", type=int, help="stop when this process is gone")
+    parser.add_argument("--owner-start", help="start time of the owner, from /proc")
+    parser.add_argument("--ready-fd", type=int, help="write the readiness line here")
+    parser.add_argument(
+        "--log", metavar="PATH", help="append the log here (default: stderr)"
+    )
+    parser.add_argument("--detach", action="store_true", help="fork once after binding")
+    return parser.parse_args(argv)
+
+
+def _bind(args: argparse.Namespace) -> socket.socket:
+    if args.unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is born 0600: no window for others
+        try:
+            sock.bind(args.unix)
+        finally:
+            os.umask(old)
+    else:
+        host, _, port = args.tcp.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+    sock.listen(512)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
+
+    def say(line: str) -> None:
+        ready.write(line + "\n")
+        ready.flush()
+
+    if args.log:
+        handler: logging.Handler = logging.FileHandler(args.log)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s")
+    )
+    logging.getLogger("flask_sharedstate").addHandler(handler)
+    logging.getLogger("flask_sharedstate").setLevel(logging.INFO)
+
+    key = sys.stdin.buffer.read()
+    if not key:
+        say("error no key on standard input")
+        return 2
+    # Keep nothing of the starter's: standard input was its pipe.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    try:
+        listener = _bind(args)
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.EADDRINUSE:
+            say("in-use")
+            return 3
+        say(f"error cannot listen on {args.unix or args.tcp}: {exc.strerror}")
+        return 2
+
+    if args.detach and os.fork() != 0:
+        os._exit(0)  # the starter reaps this parent; the child serves on
+
+    server = StateServer(
+        listener, key, owner_pid=args.owner_pid, owner_start=args.owner_start
+    )
+    install_signal_handlers(server)
+    logging.getLogger("flask_sharedstate.server").info(
+        "serving on %s (owner %s)", args.unix or args.tcp, args.owner_pid
+    )
+    say(f"ready {os.getpid()}")
+    if ready is not sys.stdout:
+        ready.close()
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

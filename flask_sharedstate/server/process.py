@@ -1,0 +1,231 @@
+"""The state server process: listening, authenticating, serving, stopping.
+
+Lifetime rules (see ``docs/architecture.md``):
+
+* The server is started as a new interpreter (``python -m
+  flask_sharedstate.server``) that detaches at once: its starter only waits
+  for it to say it listens, and no descriptor of the starter survives in it.
+* It serves until its *owner* process (the gunicorn master, say) is gone, or
+  until SIGTERM/SIGINT, and removes its unix socket file on the way out.
+* One thread per client connection. A client that disconnects or dies
+  releases every lock it held and aborts its atomic block.
+* Garbage, wrong keys, stalled handshakes and oversized messages cost the
+  server one connection, never its service to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import protocol
+from .store import LockTimeout, Store
+
+log = logging.getLogger("flask_sharedstate.server")
+
+SWEEP_INTERVAL = 1.0
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it is gone.
+
+    Together with the pid it names one process, even after the pid is reused.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[19].decode()
+
+
+class StateServer:
+    """Serve one :class:`~.store.Store` on a listening socket until told to stop."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        key: bytes,
+        *,
+        owner_pid: int | None = None,
+        owner_start: str | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.listener = listener
+        self.key = key
+        self.owner_pid = owner_pid
+        self.owner_start = owner_start
+        self.store = store if store is not None else Store()
+        self.started = time.time()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._socket_path: str | None = None
+        self._socket_inode: int | None = None
+        if listener.family == socket.AF_UNIX:
+            self._socket_path = listener.getsockname()
+            self._socket_inode = os.stat(self._socket_path).st_ino
+
+    # -- lifetime --------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Ask the accept loop to stop; safe from signal handlers and threads."""
+        if not self._stopping.is_set():
+            log.info("stopping: %s", reason)
+            self._stopping.set()
+            os.write(self._wake_w, b"x")
+
+    def serve_forever(self) -> None:
+        threading.Thread(
+            target=self._housekeeping, name="housekeeping", daemon=True
+        ).start()
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj is self.listener:
+                        self._accept()
+        finally:
+            sel.close()
+            self._close_listener()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:  # the peer gave up already, or we ran out of descriptors
+            return
+        threading.Thread(target=self._serve_client, args=(sock,), daemon=True).start()
+
+    def _close_listener(self) -> None:
+        self.listener.close()
+        path = self._socket_path
+        if path is not None:
+            # Only remove the file if it is still ours: a successor may own the path.
+            try:
+                if os.stat(path).st_ino == self._socket_inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+    def _housekeeping(self) -> None:
+        """Drop expired keys, and stop when the owner process is gone."""
+        pidfd = None
+        if self.owner_pid is not None:
+            try:
+                pidfd = os.pidfd_open(self.owner_pid)
+            except (AttributeError, OSError):
+                pidfd = None
+        while not self._stopping.is_set():
+            if self.owner_pid is not None and not self._owner_alive():
+                self.stop(f"owner process {self.owner_pid} is gone")
+                return
+            if pidfd is not None:
+                readable, _, _ = select.select([pidfd], [], [], SWEEP_INTERVAL)
+                if readable:
+                    self.stop(f"owner process {self.owner_pid} exited")
+                    return
+            else:
+                time.sleep(SWEEP_INTERVAL / 4)
+            self.store.sweep()
+
+    def _owner_alive(self) -> bool:
+        assert self.owner_pid is not None
+        return process_start_time(self.owner_pid) == self.owner_start
+
+    # -- one client --------------------------------------------------------------
+
+    def _serve_client(self, sock: socket.socket) -> None:
+        protocol.set_receive_timeout(sock, protocol.HANDSHAKE_TIMEOUT)
+        conn = Connection(sock.detach())
+        try:
+            session = self._greet(conn)
+        except Exception as exc:  # noqa: BLE001 - any failure costs only this connection
+            log.debug("handshake failed: %s", type(exc).__name__)
+            conn.close()
+            return
+        try:
+            self._serve_session(conn, session)
+        except (EOFError, OSError):
+            pass  # the client went away; its locks go with it
+        finally:
+            session.close()
+            conn.close()
+
+    def _greet(self, conn: Connection) -> Any:
+        protocol.server_handshake(conn, self.key)
+        hello = protocol.loads(conn.recv_bytes(protocol.MAX_MESSAGE))
+        if (
+            type(hello) is not tuple
+            or len(hello) != 4
+            or hello[0] != "hello"
+            or hello[1] != protocol.PROTOCOL_VERSION
+            or type(hello[2]) is not str
+            or type(hello[3]) not in (int, float)
+        ):
+            conn.send_bytes(
+                protocol.dumps((False, "ValueError", ("unsupported hello",)))
+            )
+            raise ValueError("unsupported hello")
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            protocol.set_receive_timeout(sock, 0)
+        finally:
+            sock.close()
+        session = self.store.session(hello[2], float(hello[3]))
+        conn.send_bytes(protocol.dumps((True, {"pid": os.getpid()})))
+        return session
+
+    def _serve_session(self, conn: Connection, session: Any) -> None:
+        recv, send, loads, dumps = (
+            conn.recv_bytes,
+            conn.send_bytes,
+            protocol.loads,
+            protocol.dumps,
+        )
+        while True:
+            request = recv(protocol.MAX_MESSAGE)
+            try:
+                op, *args = loads(request)
+                if op == "info":
+                    reply: tuple[Any, ...] = (True, self.info(session))
+                else:
+                    reply = (True, session.call(op, args))
+            except LockTimeout as exc:
+                reply = (False, "LockTimeout", exc.args)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                reply = (False, type(exc).__name__, exc.args)
+            except Exception as exc:  # noqa: BLE001 - a bad request never stops the server
+                reply = (False, "ValueError", (f"bad request: {type(exc).__name__}",))
+            send(dumps(reply))
+
+    def info(self, session: Any) -> dict[str, Any]:
+        with self.store.cond:
+            return {
+                "pid": os.getpid(),
+                "uptime": time.time() - self.started,
+                "clients": self.store.sessions,
+                "namespaces": len(self.store.namespaces),
+                "keys": len(session.space.data),
+                "owner_pid": self.owner_pid,
+            }
+
+
+def install_signal_handlers(server: StateServer) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
+        server.stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # A terminal hang-up or a reload of the app is no reason to lose state.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

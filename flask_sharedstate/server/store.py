@@ -1,0 +1,463 @@
+"""The shared state itself: values, expiry, locks and atomic blocks.
+
+One :class:`Store` holds any number of namespaces. Each client talks to it
+through a :class:`Session`, which is also the owner of the locks and of the
+atomic block it takes; :meth:`Session.close` releases them, so a client that
+disconnects (or dies) never leaves a lock behind.
+
+Every operation runs under one store-wide condition, so each is one atomic
+step. Values are ``int``, ``float`` (which :meth:`Session.incr` adds to) or
+``bytes`` (a pickle the store never opens).
+
+Atomic blocks are pessimistic and run one at a time per namespace: the first
+read of a block takes the namespace's transaction slot, every key the block
+reads is *claimed*, and single-step writes by other sessions to a claimed key
+wait until the block commits or aborts. That is what makes an ``incr``
+racing an atomic block on the same key lose nothing, without ever re-running
+the user's block.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+from .protocol import KEEP_TTL
+
+Value = Union[int, float, bytes]
+Clock = Callable[[], float]
+
+
+class LockTimeout(Exception):
+    """A lock, an atomic block or a write blocked by one waited too long."""
+
+
+class Namespace:
+    """The state of one namespace."""
+
+    __slots__ = (
+        "data",
+        "deadlines",
+        "locks",
+        "txn_owner",
+        "txn_keys",
+        "applied_defaults",
+    )
+
+    def __init__(self) -> None:
+        self.data: dict[str, Value] = {}
+        #: key -> monotonic deadline, only for keys with a time to live
+        self.deadlines: dict[str, float] = {}
+        #: lock name -> owning session
+        self.locks: dict[str, Session] = {}
+        self.txn_owner: Session | None = None
+        self.txn_keys: set[str] = set()
+        #: default keys already set once, so a deleted default stays deleted
+        self.applied_defaults: set[str] = set()
+
+
+class Store:
+    """All namespaces of one state server (or of one process, for ``memory``)."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.cond = threading.Condition(threading.Lock())
+        self.namespaces: dict[str, Namespace] = {}
+        self.sessions = 0
+        self._serial = 0
+
+    def session(self, namespace: str, wait_timeout: float) -> Session:
+        with self.cond:
+            space = self.namespaces.get(namespace)
+            if space is None:
+                space = self.namespaces[namespace] = Namespace()
+            self.sessions += 1
+            self._serial += 1
+            serial = self._serial
+        return Session(self, space, wait_timeout, serial)
+
+    def sweep(self) -> int:
+        """Drop every expired key now; return how many. Called periodically."""
+        now = self.clock()
+        dropped = 0
+        with self.cond:
+            for space in self.namespaces.values():
+                for key in [k for k, d in space.deadlines.items() if d <= now]:
+                    del space.deadlines[key]
+                    del space.data[key]
+                    dropped += 1
+        return dropped
+
+
+def _check_key(key: object) -> str:
+    if type(key) is not str:
+        raise TypeError(f"keys must be str, not {type(key).__name__}")
+    return key
+
+
+def _check_ttl(ttl: object) -> float | None:
+    if ttl is None:
+        return None
+    if type(ttl) not in (int, float) or not ttl > 0:  # type: ignore[operator]
+        raise ValueError(
+            f"ttl must be a positive number of seconds or None, not {ttl!r}"
+        )
+    return float(ttl)  # type: ignore[arg-type]
+
+
+def _check_value(key: str, value: object) -> Value:
+    if type(value) not in (int, float, bytes):
+        raise TypeError(f"value for key {key!r} must be int, float or pickled bytes")
+    return value  # type: ignore[return-value]
+
+
+class Session:
+    """One client's view of a namespace; owner of its locks and atomic block.
+
+    Methods named in :data:`OPERATIONS` are the wire operations.
+    """
+
+    def __init__(
+        self, store: Store, space: Namespace, wait_timeout: float, serial: int
+    ) -> None:
+        #: unique within the store: tells an atomic block that its session changed
+        self.id = serial
+        self.store = store
+        self.space = space
+        self.wait_timeout = wait_timeout
+        self.closed = False
+
+    # -- helpers, called with store.cond held -------------------------------
+
+    def _alive(self, key: str) -> bool:
+        space = self.space
+        if key not in space.data:
+            return False
+        deadline = space.deadlines.get(key)
+        if deadline is not None and deadline <= self.store.clock():
+            del space.data[key]
+            del space.deadlines[key]
+            return False
+        return True
+
+    def _purge(self) -> None:
+        space = self.space
+        if space.deadlines:
+            now = self.store.clock()
+            for key in [k for k, d in space.deadlines.items() if d <= now]:
+                del space.deadlines[key]
+                del space.data[key]
+
+    def _wait(self, blocked: Callable[[], bool], timeout: float, what: str) -> None:
+        if not blocked():
+            return
+        deadline = time.monotonic() + timeout
+        while blocked():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout(f"{what} waited {timeout:g}s")
+            self.store.cond.wait(remaining)
+
+    def _writable(self, keys: Iterable[str]) -> None:
+        """Wait while another session's atomic block has claimed one of ``keys``."""
+        space = self.space
+
+        def blocked() -> bool:
+            owner = space.txn_owner
+            return (
+                owner is not None
+                and owner is not self
+                and not space.txn_keys.isdisjoint(keys)
+            )
+
+        self._wait(
+            blocked, self.wait_timeout, "a write to a key held by an atomic block"
+        )
+
+    def _store(self, key: str, value: Value, ttl: float | None | str) -> None:
+        space = self.space
+        space.data[key] = value
+        if ttl == KEEP_TTL:
+            return
+        if ttl is None:
+            space.deadlines.pop(key, None)
+        else:
+            space.deadlines[key] = self.store.clock() + ttl  # type: ignore[operator]
+
+    def _remove(self, key: str) -> bool:
+        space = self.space
+        if key not in space.data:
+            return False
+        del space.data[key]
+        space.deadlines.pop(key, None)
+        return True
+
+    def _run(self, op: str, args: tuple[Any, ...]) -> Any:
+        return OPERATIONS[op](self, *args)
+
+    def call(self, op: str, args: tuple[Any, ...]) -> Any:
+        """Run one operation as one atomic step."""
+        if op not in OPERATIONS:
+            raise ValueError(f"unknown operation {op!r}")
+        with self.store.cond:
+            return OPERATIONS[op](self, *args)
+
+    # -- the operations ------------------------------------------------------
+
+    def get(self, key: str) -> Value | None:
+        return self.space.data[key] if self._alive(_check_key(key)) else None
+
+    def contains(self, key: str) -> bool:
+        return self._alive(_check_key(key))
+
+    def get_many(self, keys: list[str]) -> list[Value | None]:
+        return [self.get(key) for key in keys]
+
+    def set(self, key: str, value: Value, ttl: float | None = None) -> None:
+        key = _check_key(key)
+        value = _check_value(key, value)
+        ttl = _check_ttl(ttl)
+        self._writable((key,))
+        self._store(key, value, ttl)
+
+    def set_many(
+        self, items: list[tuple[str, Value]], ttl: float | None = None
+    ) -> None:
+        items = [(_check_key(k), _check_value(k, v)) for k, v in items]
+        ttl = _check_ttl(ttl)
+        self._writable([k for k, _ in items])
+        for key, value in items:
+            self._store(key, value, ttl)
+
+    def delete(self, key: str) -> bool:
+        key = _check_key(key)
+        self._writable((key,))
+        return self._alive(key) and self._remove(key)
+
+    def pop(self, key: str) -> Value | None:
+        key = _check_key(key)
+        self._writable((key,))
+        if not self._alive(key):
+            return None
+        value = self.space.data[key]
+        self._remove(key)
+        return value
+
+    def setdefault(self, key: str, value: Value, ttl: float | None = None) -> Value:
+        key = _check_key(key)
+        value = _check_value(key, value)
+        ttl = _check_ttl(ttl)
+        self._writable((key,))
+        if self._alive(key):
+            return self.space.data[key]
+        self._store(key, value, ttl)
+        return value
+
+    def incr(self, key: str, delta: int | float = 1) -> int | float:
+        key = _check_key(key)
+        if type(delta) not in (int, float):
+            raise TypeError(
+                f"incr delta must be int or float, not {type(delta).__name__}"
+            )
+        self._writable((key,))
+        current = self.space.data[key] if self._alive(key) else 0
+        if type(current) not in (int, float):
+            raise TypeError(
+                f"cannot incr key {key!r}: its value is not an int or float"
+            )
+        new = current + delta  # type: ignore[operator]
+        self._store(key, new, KEEP_TTL)
+        return new
+
+    def compare_and_set(
+        self, key: str, expected: Value, new: Value, ttl: float | None | str = KEEP_TTL
+    ) -> bool:
+        key = _check_key(key)
+        new = _check_value(key, new)
+        if ttl != KEEP_TTL:
+            ttl = _check_ttl(ttl)
+        self._writable((key,))
+        if not self._alive(key):
+            return False
+        current = self.space.data[key]
+        if type(current) is bytes or type(expected) is bytes:
+            if type(current) is not type(expected) or current != expected:
+                return False
+        elif current != expected:
+            return False
+        self._store(key, new, ttl)
+        return True
+
+    def expire(self, key: str, seconds: float | None) -> bool:
+        key = _check_key(key)
+        ttl = _check_ttl(seconds)
+        self._writable((key,))
+        if not self._alive(key):
+            return False
+        self._store(key, self.space.data[key], ttl)
+        return True
+
+    def ttl(self, key: str) -> float | None:
+        key = _check_key(key)
+        if not self._alive(key):
+            raise KeyError(key)
+        deadline = self.space.deadlines.get(key)
+        return None if deadline is None else max(0.0, deadline - self.store.clock())
+
+    def length(self) -> int:
+        self._purge()
+        return len(self.space.data)
+
+    def keys(self) -> list[str]:
+        self._purge()
+        return list(self.space.data)
+
+    def items(self) -> list[tuple[str, Value]]:
+        self._purge()
+        return list(self.space.data.items())
+
+    def clear(self) -> None:
+        self._writable(list(self.space.data))
+        self.space.data.clear()
+        self.space.deadlines.clear()
+
+    def apply_defaults(self, items: list[tuple[str, Value]]) -> None:
+        """Set each default key that this namespace has never had set as a default."""
+        applied = self.space.applied_defaults
+        fresh = [(k, v) for k, v in items if k not in applied]
+        if not fresh:
+            return
+        self._writable([k for k, _ in fresh])
+        for key, value in fresh:
+            applied.add(key)
+            if not self._alive(key):
+                self._store(_check_key(key), _check_value(key, value), None)
+
+    # -- locks -----------------------------------------------------------------
+
+    def acquire(self, name: str, timeout: float) -> bool:
+        """Take lock ``name``, waiting up to ``timeout`` seconds (0: do not wait)."""
+        locks = self.space.locks
+        owner = locks.get(name)
+        if owner is self:
+            raise RuntimeError(
+                f"lock {name!r} is already held by this client; it is not reentrant"
+            )
+        if owner is not None:
+            if timeout <= 0:
+                return False
+            self._wait(lambda: name in locks, timeout, f"lock {name!r}")
+        locks[name] = self
+        return True
+
+    def release(self, name: str) -> None:
+        if self.space.locks.get(name) is not self:
+            raise RuntimeError(f"lock {name!r} is not held by this client")
+        del self.space.locks[name]
+        self.store.cond.notify_all()
+
+    def locked(self, name: str) -> bool:
+        return name in self.space.locks
+
+    # -- atomic blocks ---------------------------------------------------------
+
+    def _begin(self, timeout: float) -> None:
+        space = self.space
+        if space.txn_owner is self:
+            return
+        self._wait(lambda: space.txn_owner is not None, timeout, "an atomic block")
+        space.txn_owner = self
+        space.txn_keys = set()
+
+    def _end(self) -> None:
+        space = self.space
+        if space.txn_owner is self:
+            space.txn_owner = None
+            space.txn_keys = set()
+            self.store.cond.notify_all()
+
+    def _check_block(self, session_id: int | None) -> None:
+        if session_id is not None and (
+            session_id != self.id or self.space.txn_owner is not self
+        ):
+            raise RuntimeError(
+                "the atomic block lost its connection to the state server, and with it"
+                " its claim on the keys it read; nothing of it was written"
+            )
+
+    def txn_read(
+        self, keys: list[str], timeout: float, session_id: int | None = None
+    ) -> tuple[int, list[Value | None]]:
+        """Begin (or continue) this session's atomic block and claim ``keys``.
+
+        Returns this session's id, which the block passes back on every later
+        read and on commit, so that a block whose connection was replaced fails
+        instead of committing without its claims.
+        """
+        keys = [_check_key(k) for k in keys]
+        self._check_block(session_id)
+        self._begin(timeout)
+        self.space.txn_keys.update(keys)
+        return self.id, [self.get(key) for key in keys]
+
+    def txn_commit(
+        self,
+        writes: list[tuple[str, Value | None, float | None | str]],
+        timeout: float,
+        session_id: int | None = None,
+    ) -> None:
+        """Apply an atomic block's writes together and end the block.
+
+        Each write is ``(key, value, ttl)``; a value of ``None`` deletes the key.
+        A block that read nothing (``session_id`` None) takes the transaction
+        slot here.
+        """
+        try:
+            self._check_block(session_id)
+            checked = []
+            for key, value, ttl in writes:
+                key = _check_key(key)
+                if value is not None:
+                    value = _check_value(key, value)
+                if ttl != KEEP_TTL:
+                    ttl = _check_ttl(ttl)
+                checked.append((key, value, ttl))
+            self._begin(timeout)
+            for key, value, ttl in checked:
+                if value is None:
+                    self._remove(key)
+                else:
+                    self._store(key, value, ttl)
+        finally:
+            self._end()
+
+    def txn_abort(self) -> None:
+        self._end()
+
+    def ping(self) -> str:
+        return "pong"
+
+    def close(self) -> None:
+        """Release every lock and the atomic block this session holds."""
+        with self.store.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.store.sessions -= 1
+            locks = self.space.locks
+            for name in [n for n, owner in locks.items() if owner is self]:
+                del locks[name]
+            self._end()
+            self.store.cond.notify_all()
+
+
+OPERATIONS: dict[str, Callable[..., Any]] = {
+    name: getattr(Session, name)
+    for name in (
+        "get contains get_many set set_many delete pop setdefault incr compare_and_set "
+        "expire ttl length keys items clear apply_defaults acquire release locked "
+        "txn_read txn_commit txn_abort ping"
+    ).split()
+}
