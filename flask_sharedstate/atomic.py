@@ -49,11 +49,9 @@ class Transaction(Operations):
         wanted = [check_key(k) for k in keys if k not in self._values]
         if not wanted:
             return
-        session_id, packed = self.backend.call(
-            "txn_read", wanted, self.timeout, self.session_id
-        )
+        session_id, packed = self.backend.call("txn_read", wanted, self.timeout, self.session_id)
         self.session_id = session_id
-        for key, value in zip(wanted, packed):
+        for key, value in zip(wanted, packed, strict=True):
             self._original[key] = value
             self._values[key] = MISSING if value is None else _unpack(value)
 
@@ -80,13 +78,9 @@ class Transaction(Operations):
         return spec  # type: ignore[no-any-return]
 
     def keys(self) -> list[str]:
-        present = [
-            k for k in self.backend.call("keys") if self._values.get(k) is not MISSING
-        ]
+        present = [k for k in self.backend.call("keys") if self._values.get(k) is not MISSING]
         seen = set(present)
-        present += [
-            k for k, v in self._values.items() if v is not MISSING and k not in seen
-        ]
+        present += [k for k, v in self._values.items() if v is not MISSING and k not in seen]
         return present
 
     def length(self) -> int:
@@ -94,7 +88,7 @@ class Transaction(Operations):
 
     def items(self) -> list[tuple[str, Any]]:
         keys = self.keys()
-        return list(zip(keys, self.get_many(keys)))
+        return list(zip(keys, self.get_many(keys), strict=True))
 
     # -- writing -------------------------------------------------------------------
 
@@ -137,9 +131,7 @@ class Transaction(Operations):
         if current is MISSING:
             current = 0
         elif type(current) not in (int, float):
-            raise TypeError(
-                f"cannot incr key {key!r}: its value is not an int or float"
-            )
+            raise TypeError(f"cannot incr key {key!r}: its value is not an int or float")
         new = current + delta
         self._write(key, new, self._ttls.get(key, KEEP_TTL))
         return new  # type: ignore[no-any-return]
@@ -168,7 +160,7 @@ class Transaction(Operations):
     # -- ending ----------------------------------------------------------------------
 
     def _writes(self) -> list[tuple[str, Any, Any]]:
-        writes = []
+        writes: list[tuple[str, Any, Any]] = []
         for key, value in self._values.items():
             original = self._original.get(key)
             ttl = self._ttls.get(key, KEEP_TTL)

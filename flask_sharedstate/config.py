@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask
@@ -50,8 +50,8 @@ class Settings:
     #: ``(host, port)`` for TCP, or None for the unix socket
     tcp: tuple[str, int] | None
     socket_path: str
-    #: the auth key, or None to use (and create) the key file
-    key: bytes | None
+    #: the auth key, or None to use (and create) the key file; never shown in a repr
+    key: bytes | None = field(repr=False)
     #: path prefix of the files that go with the address: ``.key``, ``.lock``, ``.log``
     run_base: str
     namespace: str
@@ -114,14 +114,12 @@ def _is_loopback(host: str) -> bool:
 def load_settings(app: Flask) -> Settings:
     """Default, read and validate every ``SHAREDSTATE_*`` key of ``app``."""
     config = app.config
-    for key, default in DEFAULTS.items():
-        config.setdefault(key, default)
+    for name, default in DEFAULTS.items():
+        config.setdefault(name, default)
 
     backend = _text(config, "SHAREDSTATE_BACKEND") or "manager"
     if backend not in BACKENDS:
-        raise _fail(
-            "SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS))
-        )
+        raise _fail("SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS)))
     if backend == "redis":
         raise ConfigError(
             "SHAREDSTATE_BACKEND = 'redis' is not available in this version of"
@@ -134,11 +132,7 @@ def load_settings(app: Flask) -> Settings:
             timeout = float(timeout)
         except ValueError:
             raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a number of seconds") from None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not timeout > 0
-    ):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a positive number of seconds")
     timeout = float(timeout)
 
@@ -150,9 +144,7 @@ def load_settings(app: Flask) -> Settings:
         )
     fsync = _text(config, "SHAREDSTATE_FSYNC") or "everysec"
     if fsync not in FSYNC_POLICIES:
-        raise _fail(
-            "SHAREDSTATE_FSYNC", fsync, "one of " + ", ".join(map(repr, FSYNC_POLICIES))
-        )
+        raise _fail("SHAREDSTATE_FSYNC", fsync, "one of " + ", ".join(map(repr, FSYNC_POLICIES)))
 
     namespace = config["SHAREDSTATE_NAMESPACE"]
     if namespace is None:

@@ -69,9 +69,7 @@ class SharedState:
     ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_NAMESPACE``, ``SHAREDSTATE_TIMEOUT``.
     """
 
-    def __init__(
-        self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None
-    ):
+    def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):
         self._app: Flask | None = None
         self._faces = threading.local()
         self.dict: SharedDict = SharedDict(self)
@@ -80,9 +78,7 @@ class SharedState:
             self.init_app(app, defaults=defaults)
             self._app = app
 
-    def init_app(
-        self, app: Flask, *, defaults: Mapping[str, Any] | None = None
-    ) -> None:
+    def init_app(self, app: Flask, *, defaults: Mapping[str, Any] | None = None) -> None:
         """Register the extension on ``app``. Connects to nothing.
 
         :param defaults: keys and values to set where a key is absent: on the
@@ -153,9 +149,7 @@ class SharedState:
         """
         return self._ops().incr(key, delta)
 
-    def setdefault(
-        self, key: str, default: Any = None, *, ttl: float | None = None
-    ) -> Any:
+    def setdefault(self, key: str, default: Any = None, *, ttl: float | None = None) -> Any:
         """The value of ``key``; if absent, set it to ``default`` first (one step)."""
         return self._ops().setdefault(key, default, ttl)
 
@@ -171,7 +165,7 @@ class SharedState:
     def get_many(self, keys: list[str], default: Any = None) -> dict[str, Any]:
         """The values of ``keys`` as a dict, read in one step; absent ones are ``default``."""
         values = self._ops().get_many(list(keys))
-        return {k: default if v is MISSING else v for k, v in zip(keys, values)}
+        return {k: default if v is MISSING else v for k, v in zip(keys, values, strict=True)}
 
     def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> None:
         """Store every item of ``mapping`` in one step: all or (on a bad value) none."""
@@ -252,14 +246,8 @@ class _Atomic:
             stack.append(None)  # joins the outer block
             return self
         timeout = self._timeout if self._timeout is not None else state.settings.timeout
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or timeout < 0
-        ):
-            raise ValueError(
-                f"atomic(timeout=...) must be a number of seconds, not {timeout!r}"
-            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"atomic(timeout=...) must be a number of seconds, not {timeout!r}")
         txn = Transaction(state.backend, float(timeout))
         stack.append((state, txn, state.transaction.set(txn)))
         return self
@@ -389,14 +377,8 @@ class Lock:
             return bool(state.backend.call("acquire", self.name, 0.0))
         if timeout is None:
             timeout = state.settings.timeout
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or timeout < 0
-        ):
-            raise ValueError(
-                f"acquire(timeout=...) must be seconds >= 0, not {timeout!r}"
-            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"acquire(timeout=...) must be seconds >= 0, not {timeout!r}")
         if not state.backend.call("acquire", self.name, float(timeout)):
             raise LockTimeout(f"lock {self.name!r} was not free within {timeout:g}s")
         return True
@@ -428,7 +410,5 @@ class GlobalLock(Lock):
 
     def __call__(self, name: str) -> Lock:
         if name == GLOBAL_LOCK:
-            raise ValueError(
-                f"{GLOBAL_LOCK!r} is the global lock's name: use shared.lock"
-            )
+            raise ValueError(f"{GLOBAL_LOCK!r} is the global lock's name: use shared.lock")
         return Lock(self._shared, name)

@@ -30,17 +30,13 @@ def check_ttl(ttl: object) -> float | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-        raise ValueError(
-            f"ttl must be a positive number of seconds or None, not {ttl!r}"
-        )
+        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
     return float(ttl)
 
 
 def check_delta(delta: object) -> int | float:
     if type(delta) not in (int, float):
-        raise TypeError(
-            f"incr() delta must be an int or float, not {type(delta).__name__}"
-        )
+        raise TypeError(f"incr() delta must be an int or float, not {type(delta).__name__}")
     return delta  # type: ignore[return-value]
 
 
@@ -124,11 +120,7 @@ class Direct(Operations):
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         check_key(key)
-        return bool(
-            self.backend.call(
-                "compare_and_set", key, pack(key, expected), pack(key, new)
-            )
-        )
+        return bool(self.backend.call("compare_and_set", key, pack(key, expected), pack(key, new)))
 
     def expire(self, key: str, seconds: float | None) -> bool:
         return bool(self.backend.call("expire", check_key(key), check_ttl(seconds)))

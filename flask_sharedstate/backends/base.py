@@ -37,7 +37,7 @@ def check_key(key: object) -> str:
 def pack(key: str, value: object) -> Packed:
     """Turn ``value`` into what the store holds, or raise naming ``key``."""
     if type(value) is int or type(value) is float:
-        return value  # type: ignore[return-value]
+        return value
     try:
         blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -83,5 +83,5 @@ class Backend(ABC):
     def set_defaults(self, defaults: list[tuple[str, Packed]]) -> None:
         """Set these keys if absent, now and on every new store (never a reset)."""
 
-    def close(self) -> None:
-        """Drop this process's connections. The next call opens new ones."""
+    def close(self) -> None:  # noqa: B027 - most backends have nothing to close
+        """Drop this thread's connection, if any. The next call opens a new one."""

@@ -50,9 +50,7 @@ from ..server.process import process_start_time
 from .base import Backend, Packed
 
 #: Operations that only read: safe to send again when their reply was lost.
-READ_ONLY = frozenset(
-    "get contains get_many ttl length keys items locked ping info".split()
-)
+READ_ONLY = frozenset("get contains get_many ttl length keys items locked ping info".split())
 #: Operations whose last argument is how long the server may wait for a lock.
 WAITING = frozenset(("acquire",))
 WAITING_BEFORE_SESSION = frozenset(("txn_read", "txn_commit"))
@@ -115,10 +113,9 @@ class _Link:
     extra ``poll`` per request): ``wait`` is the bound in force.
     """
 
-    __slots__ = ("sock", "conn", "poller", "generation", "server_pid", "wait")
+    __slots__ = ("conn", "poller", "generation", "server_pid", "wait")
 
-    def __init__(self, sock: socket.socket, conn: Connection, wait: float) -> None:
-        self.sock = sock
+    def __init__(self, conn: Connection, wait: float) -> None:
         self.conn = conn
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
@@ -128,15 +125,19 @@ class _Link:
 
     def bound_reads(self, wait: float) -> None:
         if wait != self.wait:
-            protocol.set_receive_timeout(self.sock, wait)
+            # The Connection owns the descriptor; borrow it for one setsockopt.
+            sock = socket.socket(fileno=self.conn.fileno())
+            try:
+                protocol.set_receive_timeout(sock, wait)
+            finally:
+                sock.detach()
             self.wait = wait
 
     def close(self) -> None:
-        for closable in (self.conn, self.sock):
-            try:
-                closable.close()
-            except OSError:
-                pass
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
 class _Broken(Exception):
@@ -266,6 +267,8 @@ class ManagerBackend(Backend):
         while True:
             try:
                 return self._open(key, deadline)
+            except SharedStateUnavailable:
+                raise
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 last = exc
             except (OSError, EOFError) as exc:
@@ -275,6 +278,8 @@ class ManagerBackend(Backend):
                 break
             try:
                 return self._elect(key, deadline)
+            except SharedStateUnavailable:
+                raise
             except (OSError, EOFError) as exc:
                 last = exc
             if time.monotonic() >= deadline:
@@ -303,11 +308,11 @@ class ManagerBackend(Backend):
             sock.settimeout(None)
             # Bound every read: a stopped server must not hang this worker.
             protocol.set_receive_timeout(sock, remaining)
-            conn = Connection(os.dup(sock.fileno()))
         except BaseException:
             sock.close()
             raise
-        link = _Link(sock, conn, remaining)
+        link = _Link(Connection(sock.detach()), remaining)
+        conn = link.conn
         try:
             try:
                 protocol.client_handshake(conn, key)
@@ -402,13 +407,13 @@ class ManagerBackend(Backend):
             str(owner),
             "--owner-start",
             str(process_start_time(owner)),
+            "--pid-file",
+            settings.run_base + ".pid",
             "--detach",
         ]
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [package_root, env.get("PYTHONPATH")])
-        )
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         ready_r, ready_w = os.pipe()
         log = os.fdopen(
             os.open(
@@ -487,11 +492,7 @@ class ManagerBackend(Backend):
             ) from None
         if folder == runtime_dir():
             info = os.lstat(folder)
-            if (
-                not stat.S_ISDIR(info.st_mode)
-                or info.st_uid != os.getuid()
-                or info.st_mode & 0o077
-            ):
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
                 raise ConfigError(
                     f"{folder} must be a folder owned by this user with mode 0700, so that"
                     " no one else can reach the state server; remove it, or set"

@@ -28,9 +28,7 @@ class MemoryBackend(Backend):
     def _session(self) -> store.Session:
         session: store.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = self._store.session(
-                self._namespace, self._timeout
-            )
+            session = self._local.session = self._store.session(self._namespace, self._timeout)
         return session
 
     def call(self, op: str, *args: Any) -> Any:

@@ -27,9 +27,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--owner-pid", type=int, help="stop when this process is gone")
     parser.add_argument("--owner-start", help="start time of the owner, from /proc")
     parser.add_argument("--ready-fd", type=int, help="write the readiness line here")
-    parser.add_argument(
-        "--log", metavar="PATH", help="append the log here (default: stderr)"
-    )
+    parser.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
     parser.add_argument("--detach", action="store_true", help="fork once after binding")
     return parser.parse_args(argv)
 
@@ -61,13 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         ready.write(line + "\n")
         ready.flush()
 
-    if args.log:
-        handler: logging.Handler = logging.FileHandler(args.log)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s")
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s"))
     logging.getLogger("flask_sharedstate").addHandler(handler)
     logging.getLogger("flask_sharedstate").setLevel(logging.INFO)
 
@@ -95,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)  # the starter reaps this parent; the child serves on
 
     server = StateServer(
-        listener, key, owner_pid=args.owner_pid, owner_start=args.owner_start
+        listener,
+        key,
+        owner_pid=args.owner_pid,
+        owner_start=args.owner_start,
+        pid_file=args.pid_file,
     )
     install_signal_handlers(server)
     logging.getLogger("flask_sharedstate.server").info(

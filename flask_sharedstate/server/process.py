@@ -60,6 +60,7 @@ class StateServer:
         owner_pid: int | None = None,
         owner_start: str | None = None,
         store: Store | None = None,
+        pid_file: str | None = None,
     ) -> None:
         self.listener = listener
         self.key = key
@@ -69,6 +70,10 @@ class StateServer:
         self.started = time.time()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self.pid_file = pid_file
+        if pid_file is not None:
+            with open(pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
         self._socket_path: str | None = None
         self._socket_inode: int | None = None
         if listener.family == socket.AF_UNIX:
@@ -85,9 +90,7 @@ class StateServer:
             os.write(self._wake_w, b"x")
 
     def serve_forever(self) -> None:
-        threading.Thread(
-            target=self._housekeeping, name="housekeeping", daemon=True
-        ).start()
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -109,6 +112,13 @@ class StateServer:
 
     def _close_listener(self) -> None:
         self.listener.close()
+        if self.pid_file is not None:
+            try:
+                with open(self.pid_file) as f:
+                    if f.read().strip() == str(os.getpid()):
+                        os.unlink(self.pid_file)
+            except OSError:
+                pass
         path = self._socket_path
         if path is not None:
             # Only remove the file if it is still ours: a successor may own the path.
@@ -173,9 +183,7 @@ class StateServer:
             or type(hello[2]) is not str
             or type(hello[3]) not in (int, float)
         ):
-            conn.send_bytes(
-                protocol.dumps((False, "ValueError", ("unsupported hello",)))
-            )
+            conn.send_bytes(protocol.dumps((False, "ValueError", ("unsupported hello",))))
             raise ValueError("unsupported hello")
         sock = socket.socket(fileno=os.dup(conn.fileno()))
         try:

@@ -73,6 +73,4 @@ def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
     """
     whole = int(seconds)
     micro = int((seconds - whole) * 1_000_000)
-    sock.setsockopt(
-        socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micro)
-    )
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micro))

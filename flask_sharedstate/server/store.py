@@ -22,11 +22,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 from .protocol import KEEP_TTL
 
-Value = Union[int, float, bytes]
+Value = int | float | bytes
 Clock = Callable[[], float]
 
 
@@ -101,9 +101,7 @@ def _check_ttl(ttl: object) -> float | None:
     if ttl is None:
         return None
     if type(ttl) not in (int, float) or not ttl > 0:  # type: ignore[operator]
-        raise ValueError(
-            f"ttl must be a positive number of seconds or None, not {ttl!r}"
-        )
+        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
     return float(ttl)  # type: ignore[arg-type]
 
 
@@ -119,9 +117,7 @@ class Session:
     Methods named in :data:`OPERATIONS` are the wire operations.
     """
 
-    def __init__(
-        self, store: Store, space: Namespace, wait_timeout: float, serial: int
-    ) -> None:
+    def __init__(self, store: Store, space: Namespace, wait_timeout: float, serial: int) -> None:
         #: unique within the store: tells an atomic block that its session changed
         self.id = serial
         self.store = store
@@ -166,15 +162,9 @@ class Session:
 
         def blocked() -> bool:
             owner = space.txn_owner
-            return (
-                owner is not None
-                and owner is not self
-                and not space.txn_keys.isdisjoint(keys)
-            )
+            return owner is not None and owner is not self and not space.txn_keys.isdisjoint(keys)
 
-        self._wait(
-            blocked, self.wait_timeout, "a write to a key held by an atomic block"
-        )
+        self._wait(blocked, self.wait_timeout, "a write to a key held by an atomic block")
 
     def _store(self, key: str, value: Value, ttl: float | None | str) -> None:
         space = self.space
@@ -222,9 +212,7 @@ class Session:
         self._writable((key,))
         self._store(key, value, ttl)
 
-    def set_many(
-        self, items: list[tuple[str, Value]], ttl: float | None = None
-    ) -> None:
+    def set_many(self, items: list[tuple[str, Value]], ttl: float | None = None) -> None:
         items = [(_check_key(k), _check_value(k, v)) for k, v in items]
         ttl = _check_ttl(ttl)
         self._writable([k for k, _ in items])
@@ -258,15 +246,11 @@ class Session:
     def incr(self, key: str, delta: int | float = 1) -> int | float:
         key = _check_key(key)
         if type(delta) not in (int, float):
-            raise TypeError(
-                f"incr delta must be int or float, not {type(delta).__name__}"
-            )
+            raise TypeError(f"incr delta must be int or float, not {type(delta).__name__}")
         self._writable((key,))
         current = self.space.data[key] if self._alive(key) else 0
         if type(current) not in (int, float):
-            raise TypeError(
-                f"cannot incr key {key!r}: its value is not an int or float"
-            )
+            raise TypeError(f"cannot incr key {key!r}: its value is not an int or float")
         new = current + delta  # type: ignore[operator]
         self._store(key, new, KEEP_TTL)
         return new
@@ -342,9 +326,7 @@ class Session:
         locks = self.space.locks
         owner = locks.get(name)
         if owner is self:
-            raise RuntimeError(
-                f"lock {name!r} is already held by this client; it is not reentrant"
-            )
+            raise RuntimeError(f"lock {name!r} is already held by this client; it is not reentrant")
         if owner is not None:
             if timeout <= 0:
                 return False
@@ -379,9 +361,7 @@ class Session:
             self.store.cond.notify_all()
 
     def _check_block(self, session_id: int | None) -> None:
-        if session_id is not None and (
-            session_id != self.id or self.space.txn_owner is not self
-        ):
+        if session_id is not None and (session_id != self.id or self.space.txn_owner is not self):
             raise RuntimeError(
                 "the atomic block lost its connection to the state server, and with it"
                 " its claim on the keys it read; nothing of it was written"

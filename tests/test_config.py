@@ -1,0 +1,85 @@
+"""Every SHAREDSTATE_* key is defaulted, validated at init_app, and explained when wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_sharedstate import ConfigError, SharedState
+from flask_sharedstate.config import DEFAULTS
+
+
+def init(**config: Any) -> Flask:
+    app = Flask("config_app")
+    app.config.update(config)
+    SharedState().init_app(app)
+    return app
+
+
+def test_defaults_are_set_on_the_config() -> None:
+    """init_app fills in every key with its default, as Flask extensions do."""
+    app = init()
+    for key, default in DEFAULTS.items():
+        assert app.config[key] == default
+    settings = app.extensions["sharedstate"].settings
+    assert settings.backend == "manager" and settings.tcp is None
+    assert settings.namespace == "config_app" and settings.timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("SHAREDSTATE_BACKEND", "postgres", "one of 'manager', 'memory', 'redis'"),
+        ("SHAREDSTATE_BACKEND", "redis", "not available in this version"),
+        ("SHAREDSTATE_TIMEOUT", 0, "positive number"),
+        ("SHAREDSTATE_TIMEOUT", "soon", "number of seconds"),
+        ("SHAREDSTATE_TIMEOUT", True, "positive number"),
+        ("SHAREDSTATE_PORT", 70000, "1 to 65535"),
+        ("SHAREDSTATE_PORT", "http", "1 to 65535"),
+        ("SHAREDSTATE_HOST", "127.0.0.1", "SHAREDSTATE_PORT is not"),
+        ("SHAREDSTATE_FSYNC", "sometimes", "'always', 'everysec', 'no'"),
+        ("SHAREDSTATE_PERSIST_PATH", "/tmp/state.db", "not available in this version"),
+        ("SHAREDSTATE_NAMESPACE", 5, "non-empty string"),
+        ("SHAREDSTATE_KEY", 12345, "str or bytes"),
+        ("SHAREDSTATE_SOCKET", "/tmp/" + "x" * 120, "at most 107 bytes"),
+    ],
+)
+def test_bad_values_name_the_key(key: str, value: Any, message: str) -> None:
+    """A wrong value raises ConfigError naming the key and what was expected."""
+    with pytest.raises(ConfigError, match=key) as info:
+        init(**{key: value})
+    assert message in str(info.value)
+
+
+def test_non_loopback_tcp_needs_a_long_explicit_key() -> None:
+    """TCP on a non-loopback host without an explicit key of 16+ bytes is refused."""
+    with pytest.raises(ConfigError, match="SHAREDSTATE_KEY"):
+        init(SHAREDSTATE_HOST="10.1.2.3", SHAREDSTATE_PORT=7000)
+    with pytest.raises(ConfigError, match="at least 16"):
+        init(SHAREDSTATE_HOST="10.1.2.3", SHAREDSTATE_PORT=7000, SHAREDSTATE_KEY="short")
+    app = init(SHAREDSTATE_HOST="10.1.2.3", SHAREDSTATE_PORT=7000, SHAREDSTATE_KEY="k" * 16)
+    assert app.extensions["sharedstate"].settings.tcp == ("10.1.2.3", 7000)
+    app = init(SHAREDSTATE_HOST="::1", SHAREDSTATE_PORT=7000)
+    assert app.extensions["sharedstate"].settings.address == "[::1]:7000"
+
+
+def test_prefixed_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLASK_SHAREDSTATE_* environment variables work through from_prefixed_env."""
+    monkeypatch.setenv("FLASK_SHAREDSTATE_TIMEOUT", "2.5")
+    monkeypatch.setenv("FLASK_SHAREDSTATE_PORT", "7001")
+    app = Flask("env_app")
+    app.config.from_prefixed_env()
+    SharedState(app)
+    settings = app.extensions["sharedstate"].settings
+    assert settings.timeout == 2.5 and settings.tcp == ("127.0.0.1", 7001)
+
+
+def test_apps_get_distinct_default_sockets() -> None:
+    """Two apps get different socket paths and namespaces by default."""
+    one, two = init(), Flask("other_app")
+    SharedState(two)
+    a = one.extensions["sharedstate"].settings
+    b = two.extensions["sharedstate"].settings
+    assert a.socket_path != b.socket_path and a.namespace != b.namespace

@@ -1,0 +1,268 @@
+"""The embedded state server with real processes: races, election, kills, fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flask_sharedstate import SharedState
+
+import workers
+from conftest import kill_servers, pid_alive, server_pids, wait_for
+
+ctx = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def socket_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "app.sock")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Processes a test starts; any still alive at the end are killed."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(10)
+
+
+@pytest.fixture
+def here(socket_path: str) -> Iterator[SharedState]:
+    """The test process's own client of the server at ``socket_path``."""
+    shared = workers.make_shared(socket_path)
+    yield shared
+    shared.state().backend.close()
+
+
+def run_all(procs: list[Any], target: Any, arg_sets: list[tuple[Any, ...]]) -> None:
+    for args in arg_sets:
+        p = ctx.Process(target=target, args=args)
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+
+
+def test_incr_from_8_processes_is_exact(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """8 processes x 2,000 incr end at exactly 16,000."""
+    barrier = ctx.Barrier(8)
+    run_all(procs, workers.incr_many, [(socket_path, 2000, barrier)] * 8)
+    assert here.get("n") == 16000
+    assert len(server_pids(os.path.dirname(socket_path))) == 1
+
+
+def test_atomic_appends_from_8_processes(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """8 processes x 300 atomic appends to a nested list end with 2,400 distinct items."""
+    barrier = ctx.Barrier(8)
+    run_all(
+        procs,
+        workers.atomic_append_many,
+        [(socket_path, w, 300, barrier) for w in range(8)],
+    )
+    items = here.get("items")
+    assert len(items) == 2400
+    assert len(set(items)) == 2400
+
+
+def test_atomic_racing_incr_and_set_loses_nothing(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """Atomic read-modify-writes racing plain incr and set on the same keys lose nothing."""
+    here.set("n", 0)
+    here.set("doc", {"v": 0, "marks": []})
+    barrier = ctx.Barrier(7)
+    arg_sets: list[tuple[Any, ...]] = []
+    for _ in range(3):
+        procs.append(ctx.Process(target=workers.atomic_add_many, args=(socket_path, 300, barrier)))
+    for _ in range(3):
+        procs.append(ctx.Process(target=workers.incr_many, args=(socket_path, 300, barrier)))
+    procs.append(ctx.Process(target=workers.set_many_versions, args=(socket_path, 300, barrier)))
+    del arg_sets
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert here.get("n") == 1800
+    # An atomic block that read an older version must not have written it back
+    # over a newer plain set: the last version set is the one that stands.
+    assert here.get("doc")["v"] == 300
+
+
+def test_election_of_32_racing_processes(socket_path: str, procs: list[Any]) -> None:
+    """32 processes using an empty address at once: one server, one state, no error."""
+    barrier = ctx.Barrier(32)
+    results = ctx.Queue()
+    for i in range(32):
+        delay = 0 if i < 16 else (i - 16) * 0.01
+        p = ctx.Process(target=workers.elect, args=(socket_path, barrier, results, delay))
+        p.start()
+        procs.append(p)
+    reports = [results.get(timeout=120) for _ in range(32)]
+    for p in procs:
+        p.join(60)
+    errors = [r[2] for r in reports if r[2] is not None]
+    assert errors == []
+    assert len({r[0] for r in reports}) == 1
+    assert server_pids(os.path.dirname(socket_path)) == [reports[0][0]]
+    assert max(r[1] for r in reports) == 32
+
+
+@pytest.mark.parametrize("how", ["exits", "sigkilled"])
+def test_server_outlives_its_starter(
+    how: str, socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """The process that started the server exits or is SIGKILLed; the state lives on."""
+    results = ctx.Queue()
+    starter = ctx.Process(
+        target=workers.start_and_report, args=(socket_path, results, how == "sigkilled")
+    )
+    starter.start()
+    procs.append(starter)
+    pid = results.get(timeout=60)
+    if how == "sigkilled":
+        os.kill(starter.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    starter.join(30)
+    assert not starter.is_alive()
+    time.sleep(1.5)  # longer than the server's owner checks
+    assert pid_alive(pid)
+    assert here.get("written_by_starter") == starter.pid
+    assert workers.server_pid(here) == pid
+
+
+def test_server_sigkilled_clients_recover(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """After SIGKILL of the server, each client's next op succeeds on a new server
+    within the timeout or raises SharedStateUnavailable; none hangs."""
+    here.set("n", 0)
+    old = workers.server_pid(here)
+    results = ctx.Queue()
+    stop_at = time.time() + 6
+    for _ in range(4):
+        p = ctx.Process(
+            target=workers.ops_through_server_death, args=(socket_path, results, stop_at)
+        )
+        p.start()
+        procs.append(p)
+    wait_for(lambda: (here.get("n") or 0) > 40, timeout=30)
+    os.kill(old, signal.SIGKILL)
+    reports = [results.get(timeout=60) for _ in range(4)]
+    new_pids = set()
+    for outcomes in reports:
+        kinds = {o[0] for o in outcomes}
+        assert kinds <= {"ok", "unavailable"}, kinds
+        assert max(o[1] for o in outcomes) < 3.0 + 1.0  # the timeout, plus slack
+        # The last operations ran against a new server.
+        assert outcomes[-1][0] == "ok"
+        assert outcomes[-1][2] != old
+        new_pids.add(outcomes[-1][2])
+    assert len(new_pids) == 1
+    assert server_pids(os.path.dirname(socket_path)) == list(new_pids)
+
+
+def test_lock_of_sigkilled_holder_is_released(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """SIGKILL a process holding the lock: another acquires it within one second."""
+    results = ctx.Queue()
+    holder = ctx.Process(target=workers.hold_lock, args=(socket_path, "cart:1", results))
+    holder.start()
+    procs.append(holder)
+    assert results.get(timeout=60) == "held"
+    assert here.lock("cart:1").locked()
+    os.kill(holder.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    start = time.monotonic()
+    assert here.lock("cart:1").acquire(timeout=1.0)
+    assert time.monotonic() - start < 1.0
+    here.lock("cart:1").release()
+
+
+def test_atomic_of_sigkilled_process_writes_nothing(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """A process killed inside an atomic block: none of its writes, and the keys are free."""
+    here.set_many({"a": 1, "b": "whole"})
+    results = ctx.Queue()
+    holder = ctx.Process(target=workers.hold_atomic, args=(socket_path, results))
+    holder.start()
+    procs.append(holder)
+    assert results.get(timeout=60) == "inside"
+    os.kill(holder.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    start = time.monotonic()
+    assert here.incr("a") == 2
+    with here.atomic(timeout=1.0):
+        assert here.dict["b"] == "whole"
+    assert time.monotonic() - start < 1.0
+
+
+def test_fork_parent_and_child_keep_working(
+    socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """A process that used the state forks; parent and child both keep working."""
+    results = ctx.Queue()
+    run_all(procs, workers.fork_and_use, [(socket_path, results)])
+    child_exit, n, child = results.get(timeout=10)
+    assert child_exit == 0
+    assert child == "ok"
+    assert n == 201
+
+
+def test_threads_of_one_process_share_safely(here: SharedState) -> None:
+    """Threads of one process (gthread workers) each get a safe connection."""
+    import threading
+
+    def work() -> None:
+        for _ in range(300):
+            here.incr("t")
+        with here.lock("x"):
+            here.incr("locked")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert here.get("t") == 2400
+    assert here.get("locked") == 8
+
+
+def test_server_stops_with_its_owner(run_dir: str, socket_path: str) -> None:
+    """The server a process starts for itself stops (and cleans up) when that process dies."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, time; sys.path.insert(0, {os.path.dirname(__file__)!r}); import workers;"
+        f"s = workers.make_shared({socket_path!r}); s.set('k', 1);"
+        "print(workers.server_pid(s), flush=True); time.sleep(60)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        assert pid_alive(pid)
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not pid_alive(pid), timeout=5)
+        assert not os.path.exists(socket_path)
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
+        kill_servers(run_dir)
