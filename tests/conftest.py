@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -13,17 +14,28 @@ from flask import Flask
 
 from flask_sharedstate import SharedState
 
-BACKENDS = ["memory", "manager"]
+#: Every backend, and the manager over TCP: the conformance suite runs on each.
+BACKENDS = ["memory", "manager", "manager-tcp"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def server_pids(folder: str) -> list[int]:
-    """Pids of the state servers whose pid files lie in ``folder``, still running."""
+    """Pids of the state servers whose pid files lie in or below ``folder``, still running."""
     pids = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if not name.endswith(".pid"):
-            continue
+    pid_files = [
+        os.path.join(top, name)
+        for top, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".pid")
+    ]
+    for pid_file in sorted(pid_files):
         try:
-            with open(os.path.join(folder, name)) as f:
+            with open(pid_file) as f:
                 pid = int(f.read())
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
@@ -64,19 +76,30 @@ def kill_servers(folder: str) -> None:
         wait_for(lambda pid=pid: not pid_alive(pid), timeout=10)
 
 
+_tcp_ports: dict[str, int] = {}
+
+
 @pytest.fixture
-def run_dir() -> Iterator[str]:
-    """A short private folder for sockets; every server started in it is killed after."""
+def run_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A short private folder for sockets, key and pid files (the runtime folder too);
+    every server started in it is killed after the test."""
     folder = tempfile.mkdtemp(prefix="fss-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", folder)
     try:
         yield folder
     finally:
         kill_servers(folder)
+        _tcp_ports.pop(folder, None)
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config: Any) -> Flask:
+    """An app on ``backend`` whose server files all live in ``run_dir``."""
     app = Flask(name)
+    if backend == "manager-tcp":
+        assert run_dir is not None
+        backend = "manager"
+        app.config["SHAREDSTATE_PORT"] = _tcp_ports.setdefault(run_dir, free_port())
     app.config["SHAREDSTATE_BACKEND"] = backend
     if run_dir is not None:
         app.config["SHAREDSTATE_SOCKET"] = os.path.join(run_dir, f"{name}.sock")

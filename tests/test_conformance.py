@@ -466,3 +466,17 @@ def test_deleted_default_stays_deleted(shared: SharedState, app) -> None:  # typ
     del shared.dict["d"]
     app.extensions["sharedstate"].backend.close()
     assert "d" not in shared.dict
+
+
+def test_lock_of_finished_thread_is_released(app, shared: SharedState) -> None:  # type: ignore[no-untyped-def]
+    """A thread that ends (or a process that dies) holding a lock releases it."""
+
+    def take() -> None:
+        with app.app_context():
+            shared.lock("left").acquire()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join(10)
+    assert shared.lock("left").acquire(timeout=2)
+    shared.lock("left").release()

@@ -14,7 +14,7 @@ import pytest
 from flask_sharedstate import SharedState
 
 import workers
-from conftest import kill_servers, pid_alive, server_pids, wait_for
+from conftest import free_port, kill_servers, pid_alive, server_pids, wait_for
 
 ctx = multiprocessing.get_context("spawn")
 
@@ -144,24 +144,31 @@ def test_server_outlives_its_starter(
     assert workers.server_pid(here) == pid
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_server_sigkilled_clients_recover(
-    socket_path: str, procs: list[Any], here: SharedState
+    transport: str, socket_path: str, procs: list[Any]
 ) -> None:
     """After SIGKILL of the server, each client's next op succeeds on a new server
     within the timeout or raises SharedStateUnavailable; none hangs."""
-    here.set("n", 0)
-    old = workers.server_pid(here)
-    results = ctx.Queue()
-    stop_at = time.time() + 6
-    for _ in range(4):
-        p = ctx.Process(
-            target=workers.ops_through_server_death, args=(socket_path, results, stop_at)
-        )
-        p.start()
-        procs.append(p)
-    wait_for(lambda: (here.get("n") or 0) > 40, timeout=30)
-    os.kill(old, signal.SIGKILL)
-    reports = [results.get(timeout=60) for _ in range(4)]
+    config = {"SHAREDSTATE_PORT": free_port()} if transport == "tcp" else {}
+    here = workers.make_shared(socket_path, **config)
+    try:
+        here.set("n", 0)
+        old = workers.server_pid(here)
+        results = ctx.Queue()
+        stop_at = time.time() + 6
+        for _ in range(4):
+            p = ctx.Process(
+                target=workers.ops_through_server_death,
+                args=(socket_path, results, stop_at, config),
+            )
+            p.start()
+            procs.append(p)
+        wait_for(lambda: (here.get("n") or 0) > 40, timeout=30)
+        os.kill(old, signal.SIGKILL)
+        reports = [results.get(timeout=60) for _ in range(4)]
+    finally:
+        here.state().backend.close()
     new_pids = set()
     for outcomes in reports:
         kinds = {o[0] for o in outcomes}

@@ -101,9 +101,11 @@ def hold_atomic(socket_path: str, results: Any) -> None:
         time.sleep(60)
 
 
-def ops_through_server_death(socket_path: str, results: Any, stop_at: float) -> None:
+def ops_through_server_death(
+    socket_path: str, results: Any, stop_at: float, config: dict[str, Any]
+) -> None:
     """incr in a loop until ``stop_at``; report each op's outcome and duration."""
-    shared = make_shared(socket_path, timeout=3.0)
+    shared = make_shared(socket_path, timeout=3.0, **config)
     outcomes = []
     while time.time() < stop_at:
         start = time.monotonic()

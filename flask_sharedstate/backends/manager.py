@@ -263,17 +263,18 @@ class ManagerBackend(Backend):
     def _connect(self) -> _Link:
         deadline = time.monotonic() + self._timeout
         key = self._auth_key()
-        last: BaseException | None = None
+        # Only the reason is kept: a kept exception would hold this frame (and
+        # the new connection with it) in a reference cycle.
+        reason = "no attempt"
         while True:
             try:
                 return self._open(key, deadline)
             except SharedStateUnavailable:
                 raise
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                last = exc
             except (OSError, EOFError) as exc:
-                # The server went away between accept and handshake: try again.
-                last = exc
+                # Nobody listens (FileNotFoundError, ConnectionRefusedError), or
+                # the server went away between accept and handshake.
+                reason = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
                 break
             try:
@@ -281,15 +282,15 @@ class ManagerBackend(Backend):
             except SharedStateUnavailable:
                 raise
             except (OSError, EOFError) as exc:
-                last = exc
+                reason = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.01)
         raise SharedStateUnavailable(
             f"cannot reach the state server at {self.address} within {self._timeout:g}s"
-            f" (SHAREDSTATE_TIMEOUT): {last}. See {self.settings.run_base}.log for the"
+            f" (SHAREDSTATE_TIMEOUT): {reason}. See {self.settings.run_base}.log for the"
             " server's own account."
-        ) from last
+        )
 
     def _open(self, key: bytes, deadline: float) -> _Link:
         remaining = max(deadline - time.monotonic(), 0.001)

@@ -2,7 +2,8 @@
 
 For tests and the development server: every thread of the process shares the
 state, nothing is shared with other processes. Locks and atomic blocks are
-owned per thread, as on the state server they are owned per connection.
+owned per thread, as on the state server they are owned per connection, and
+released when their thread ends.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from typing import Any
 from ..errors import LockTimeout
 from ..server import store
 from .base import Backend, Packed
+
+
+class _ThreadSession:
+    """Holds a thread's session; when the thread ends, its locks and block go too."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: store.Session) -> None:
+        self.session = session
+
+    def __del__(self) -> None:
+        self.session.close()
 
 
 class MemoryBackend(Backend):
@@ -26,10 +39,11 @@ class MemoryBackend(Backend):
         self._local = threading.local()
 
     def _session(self) -> store.Session:
-        session: store.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = self._store.session(self._namespace, self._timeout)
-        return session
+        holder: _ThreadSession | None = getattr(self._local, "holder", None)
+        if holder is None:
+            session = self._store.session(self._namespace, self._timeout)
+            holder = self._local.holder = _ThreadSession(session)
+        return holder.session
 
     def call(self, op: str, *args: Any) -> Any:
         try:
