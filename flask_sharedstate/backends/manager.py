@@ -266,25 +266,20 @@ class ManagerBackend(Backend):
         # Only the reason is kept: a kept exception would hold this frame (and
         # the new connection with it) in a reference cycle.
         reason = "no attempt"
-        while True:
-            try:
-                return self._open(key, deadline)
-            except SharedStateUnavailable:
-                raise
-            except (OSError, EOFError) as exc:
-                # Nobody listens (FileNotFoundError, ConnectionRefusedError), or
-                # the server went away between accept and handshake.
-                reason = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                break
-            try:
-                return self._elect(key, deadline)
-            except SharedStateUnavailable:
-                raise
-            except (OSError, EOFError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                break
+        # Connect; if nobody answers, elect (connect or start a server); repeat.
+        attempts = (self._open, self._elect)
+        while time.monotonic() < deadline:
+            for attempt in attempts:
+                try:
+                    return attempt(key, deadline)
+                except SharedStateUnavailable:
+                    raise
+                except (OSError, EOFError) as exc:
+                    # Nobody listens (FileNotFoundError, ConnectionRefusedError), or
+                    # the server went away between accept and handshake.
+                    reason = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() >= deadline:
+                    break
             time.sleep(0.01)
         raise SharedStateUnavailable(
             f"cannot reach the state server at {self.address} within {self._timeout:g}s"
