@@ -1,6 +1,7 @@
 """Run the example app under gunicorn with 4 workers and show the shared state at work.
 
-``python -m example_app.demo``: starts gunicorn on a free loopback port, sends
+``python -m example_app.demo``: starts gunicorn (with ``example_app/gunicorn.conf.py``,
+whose hooks start the state server in the master) on a free loopback port, sends
 400 requests from 16 concurrent clients and 40 cart additions, prints what
 the workers counted together, and stops gunicorn again.
 """
@@ -37,19 +38,10 @@ def main() -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "gunicorn", "-c", "example_app/gunicorn.conf.py"]
+    command += ["-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
     gunicorn = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            str(WORKERS),
-            "-b",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "example_app:create_app()",
-        ],
+        [*command, "example_app:create_app()"],
         cwd=root,
     )
     try:

@@ -125,12 +125,14 @@ class Transaction(Operations):
         self.set(key, value, ttl)
         return value
 
-    def incr(self, key: str, delta: int | float = 1) -> int | float:
+    def incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> int | float:
         check_delta(delta)
+        ttl = check_ttl(ttl)
         current = self.get(key)
         if current is MISSING:
-            current = 0
-        elif type(current) not in (int, float):
+            self._write(key, delta, ttl)
+            return delta
+        if type(current) not in (int, float):
             raise TypeError(f"cannot incr key {key!r}: its value is not an int or float")
         new = current + delta
         self._write(key, new, self._ttls.get(key, KEEP_TTL))

@@ -142,12 +142,17 @@ class SharedState:
         """Remove ``key``; return whether it was there."""
         return self._ops().delete(key)
 
-    def incr(self, key: str, delta: int | float = 1) -> int | float:
+    def incr(self, key: str, delta: int | float = 1, *, ttl: float | None = None) -> int | float:
         """Add ``delta`` to the number at ``key`` (absent counts as 0); return the new value.
 
-        One round trip, atomic in the server: no lock needed. Keeps the key's ttl.
+        One round trip, atomic in the server: no lock needed. An existing key
+        keeps its ttl; a key this call creates expires after ``ttl`` seconds,
+        if given, which makes a fixed-window rate limit one call::
+
+            if shared.incr(f"rate:{ip}", ttl=60) > 100:
+                abort(429)
         """
-        return self._ops().incr(key, delta)
+        return self._ops().incr(key, delta, ttl)
 
     def setdefault(self, key: str, default: Any = None, *, ttl: float | None = None) -> Any:
         """The value of ``key``; if absent, set it to ``default`` first (one step)."""

@@ -60,7 +60,7 @@ class Operations(ABC):
     @abstractmethod
     def setdefault(self, key: str, value: Any, ttl: float | None = None) -> Any: ...
     @abstractmethod
-    def incr(self, key: str, delta: int | float) -> int | float: ...
+    def incr(self, key: str, delta: int | float, ttl: float | None = None) -> int | float: ...
     @abstractmethod
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool: ...
     @abstractmethod
@@ -115,8 +115,10 @@ class Direct(Operations):
         packed = pack(check_key(key), value)
         return unpack(self.backend.call("setdefault", key, packed, check_ttl(ttl)))
 
-    def incr(self, key: str, delta: int | float = 1) -> int | float:
-        return self.backend.call("incr", check_key(key), check_delta(delta))  # type: ignore[no-any-return]
+    def incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> int | float:
+        return self.backend.call(  # type: ignore[no-any-return]
+            "incr", check_key(key), check_delta(delta), check_ttl(ttl)
+        )
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         check_key(key)

@@ -480,3 +480,23 @@ def test_lock_of_finished_thread_is_released(app, shared: SharedState) -> None: 
     thread.join(10)
     assert shared.lock("left").acquire(timeout=2)
     shared.lock("left").release()
+
+
+def test_incr_with_ttl_sets_it_only_on_creation(shared: SharedState) -> None:
+    """incr(ttl=...) gives a new key its ttl and leaves an existing key's ttl alone."""
+    assert shared.incr("window", ttl=0.3) == 1
+    first = shared.ttl("window")
+    assert first is not None and first <= 0.3
+    time.sleep(0.1)
+    assert shared.incr("window", ttl=0.3) == 2
+    second = shared.ttl("window")
+    assert second is not None and second < first  # not renewed
+    time.sleep(0.3)
+    assert shared.incr("window", ttl=0.3) == 1  # a new window
+    shared.set("plain", 5)
+    shared.incr("plain", ttl=10)
+    assert shared.ttl("plain") is None
+    with shared.atomic():
+        assert shared.incr("in_block", ttl=30) == 1
+    remaining = shared.ttl("in_block")
+    assert remaining is not None and 29 < remaining <= 30

@@ -1,123 +1,290 @@
-"""The example app under real gunicorn workers and real HTTP load."""
+"""The example app under real gunicorn: exact counts under load, and real faults.
+
+Every test drives real worker processes over HTTP from concurrent clients, with
+real signals; every load is bounded in count and time.
+"""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
+import random
 import signal
-import socket
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
+from servers import ROOT, Server, start_gunicorn
 
 from conftest import pid_alive, server_pids, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over gunicorn's unix socket: no TCP port to find or collide on."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=30)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-def request(path: str, method: str, url: str, body: Any = None) -> tuple[int, bytes]:
-    conn = UnixHTTPConnection(path)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, url, json.dumps(body) if body is not None else None, headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+CONF = os.path.join(ROOT, "example_app", "gunicorn.conf.py")
 
 
 @pytest.fixture
-def gunicorn(run_dir: str) -> Iterator[dict[str, Any]]:
-    """example_app under ``gunicorn -w 4``, bound to a unix socket in run_dir."""
-    http_socket = os.path.join(run_dir, "http.sock")
-    env = dict(os.environ, FLASK_SHAREDSTATE_SOCKET=os.path.join(run_dir, "state.sock"))
-    log = open(os.path.join(run_dir, "gunicorn.log"), "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            "4",
-            "--bind",
-            f"unix:{http_socket}",
-            "--timeout",
-            "30",
-            "example_app:create_app()",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: os.path.exists(http_socket) or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, "gunicorn exited at start"
-        yield {"proc": proc, "http": http_socket, "run_dir": run_dir}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+def servers() -> Iterator[list[Server]]:
+    """Servers a test starts; stopped (by pid) at the end whatever happens."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        if not server.stopped:
+            server.stop(signal.SIGKILL)
 
 
-def test_counter_is_exact_under_gunicorn(gunicorn: dict[str, Any]) -> None:
-    """2,000 requests from 16 concurrent clients to 4 workers count exactly 2,000."""
-    path = gunicorn["http"]
-
-    def hit(_: int) -> int:
-        return request(path, "GET", "/")[0]
-
-    with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(hit, range(2000)))
-        workers = {json.loads(request(path, "GET", "/stats")[1])["worker"] for _ in range(40)}
-    assert statuses.count(200) == 2000
-    assert json.loads(request(path, "GET", "/stats")[1])["hits"] == 2000
-    assert len(workers) > 1  # the load really was spread over several processes
-    assert len(server_pids(gunicorn["run_dir"])) == 1
+def gunicorn(servers: list[Server], run_dir: str, *args: str, **kwargs: object) -> Server:
+    server = start_gunicorn(run_dir, *args, **kwargs)  # type: ignore[arg-type]
+    servers.append(server)
+    return server
 
 
-def test_cart_atomic_under_gunicorn(gunicorn: dict[str, Any]) -> None:
-    """Concurrent atomic cart additions through 4 workers: every item exactly once."""
-    path = gunicorn["http"]
-    items = [f"item-{i}" for i in range(300)]
-    with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda i: request(path, "POST", "/cart", {"item": i})[0], items))
-    assert statuses.count(200) == 300
-    cart = json.loads(request(path, "GET", "/cart")[1])["cart"]
+def statuses(responses: list) -> dict[int, int]:  # type: ignore[type-arg]
+    counts: dict[int, int] = {}
+    for r in responses:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+def hits(server: Server) -> int:
+    return int(server.get("/stats").json()["hits"])
+
+
+def test_exact_counts_and_cart(servers: list[Server], run_dir: str) -> None:
+    """4 workers, 32 clients, 5,000 counter requests and 500 cart additions:
+    the counter is exactly 5,000 and every acknowledged item is in the cart once."""
+    server = gunicorn(servers, run_dir, "-c", CONF, "-w", "4")
+    items = [f"item-{i}" for i in range(500)]
+    requests = [("GET", "/", None)] * 5000 + [("POST", "/cart", {"item": i}) for i in items]
+    random.Random(7).shuffle(requests)
+    responses = server.load(requests, concurrency=32)
+    assert statuses(responses) == {200: 5500}
+    assert hits(server) == 5000
+    cart = server.get("/cart").json()["cart"]
     assert sorted(cart) == sorted(items)
-    assert request(path, "POST", "/cart", {"item": 5})[0] == 400
+    workers = {server.get("/stats").json()["worker"] for _ in range(40)}
+    assert len(workers) > 1
 
 
-def test_state_server_stops_with_gunicorn(gunicorn: dict[str, Any]) -> None:
-    """When gunicorn stops, the state server it used is gone within five seconds."""
-    assert request(gunicorn["http"], "GET", "/")[0] == 200
-    (server,) = server_pids(gunicorn["run_dir"])
-    gunicorn["proc"].send_signal(signal.SIGTERM)
-    gunicorn["proc"].wait(30)
+def test_worker_recycling(servers: list[Server], run_dir: str) -> None:
+    """--max-requests 50 with jitter during 5,000 requests: exact, no 5xx, never reset."""
+    server = gunicorn(
+        servers, run_dir, "-w", "4", "--max-requests", "50", "--max-requests-jitter", "20"
+    )
+    responses = server.load([("GET", "/", None)] * 5000, concurrency=32)
+    assert statuses(responses) == {200: 5000}
+    # Each response carries the new count: a reset would repeat small numbers.
+    assert sorted(int(r.body) for r in responses) == list(range(1, 5001))
+    assert hits(server) == 5000
+    assert "Worker failed to boot" not in server.log()
+    assert server.log().count("Autorestarting worker") >= 50
+
+
+def test_sigkilled_workers(servers: list[Server], run_dir: str) -> None:
+    """SIGKILL a random worker every 200 ms under load: every acknowledged request is
+    counted exactly once, and no worker hangs on a lock a killed one held."""
+    server = gunicorn(servers, run_dir, "-w", "4", "--timeout", "10")
+    stop = threading.Event()
+    killed = []
+
+    def kill_workers() -> None:
+        rng = random.Random(3)
+        deadline = time.monotonic() + 20
+        while not stop.wait(0.2) and time.monotonic() < deadline:
+            workers = server.children()
+            if workers:
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+                except ProcessLookupError:
+                    pass
+
+    killer = threading.Thread(target=kill_workers)
+    killer.start()
+    try:
+        rids = [str(i) for i in range(3000)]
+        responses = server.load([("POST", f"/record/{rid}", None) for rid in rids], 32)
+    finally:
+        stop.set()
+        killer.join(30)
+    assert len(killed) >= 5
+    acknowledged = {rid for rid, r in zip(rids, responses, strict=True) if r.status == 200}
+    assert len(acknowledged) > 1000
+    assert set(statuses(responses)) <= {200, 0, 500, 502}
+    recorded = server.get("/recorded").json()
+    assert acknowledged <= set(recorded["ids"])  # every acknowledged request counted
+    assert recorded["count"] == len(recorded["ids"])  # and none counted twice
+    assert "WORKER TIMEOUT" not in server.log()
+    assert max(r.seconds for r in responses) < 10
+
+
+def test_timeout_kill_inside_atomic(servers: list[Server], run_dir: str) -> None:
+    """A worker killed by gunicorn's --timeout inside an atomic block: the others take
+    the block at once, and none of the killed block's writes is visible."""
+    server = gunicorn(servers, run_dir, "-w", "2", "--timeout", "2", "--graceful-timeout", "1")
+    assert server.request("POST", "/cart", {"item": "before"}).status == 200
+    slow = server.get("/slow-atomic?seconds=60", timeout=60)
+    assert slow.status in (0, 500, 502)  # the worker was killed mid-request
+    assert "WORKER TIMEOUT" in server.log()
+    after = server.request("POST", "/cart", {"item": "after"}, timeout=30)
+    assert after.status == 200
+    assert after.seconds < 1.0
+    assert server.get("/cart").json()["cart"] == ["before", "after"]
+    assert server.get("/key/partial").json() == {"partial": None}
+
+
+def test_state_server_killed_under_load(servers: list[Server], run_dir: str) -> None:
+    """SIGKILL the state server under load: requests fail fast with 503 in the gap,
+    and the service recovers by itself within the timeout."""
+    server = gunicorn(servers, run_dir, "-w", "4", env={"FLASK_SHAREDSTATE_TIMEOUT": "2"})
+    assert server.get("/").status == 200
+    (old,) = server_pids(run_dir)
+    killed_at: list[float] = []
+
+    def kill_server() -> None:
+        time.sleep(0.5)
+        os.kill(old, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    responses = server.load([("GET", "/", None)] * 3000, concurrency=16, during=kill_server)
+    assert set(statuses(responses)) <= {200, 503}, statuses(responses)
+    assert max(r.seconds for r in responses) < 2 * 2 + 1  # bounded by the timeout
+    for r in responses:
+        if r.status == 503:
+            assert b"shared state unavailable" in r.body
+    # Recovered: a new server, and every request succeeds again.
+    wait_for(lambda: server.get("/").status == 200, timeout=3)
+    again = server.load([("GET", "/", None)] * 200, concurrency=16)
+    assert statuses(again) == {200: 200}
+    (new,) = server_pids(run_dir)
+    assert new != old
+
+
+def test_hup_reload_keeps_state(servers: list[Server], run_dir: str) -> None:
+    """kill -HUP the master under load: the state survives and counts stay exact."""
+    server = gunicorn(servers, run_dir, "-c", CONF, "-w", "4")
+    (state_server,) = server_pids(run_dir)
+    old_workers = set(server.children())
+
+    def reload() -> None:
+        time.sleep(0.3)
+        os.kill(server.pid, signal.SIGHUP)
+
+    responses = server.load([("GET", "/", None)] * 3000, concurrency=32, during=reload)
+    assert statuses(responses) == {200: 3000}
+    assert hits(server) == 3000
+    wait_for(lambda: not (set(server.children()) & old_workers), timeout=30)
+    assert server_pids(run_dir) == [state_server]
+    assert hits(server) == 3000
+
+
+@pytest.mark.parametrize(
+    ("sig", "hooks"),
+    [
+        (signal.SIGTERM, True),
+        (signal.SIGTERM, False),
+        (signal.SIGINT, True),
+        (signal.SIGQUIT, False),
+        (signal.SIGKILL, True),
+        (signal.SIGKILL, False),
+    ],
+)
+def test_no_state_server_outlives_gunicorn(
+    servers: list[Server], run_dir: str, sig: int, hooks: bool
+) -> None:
+    """However gunicorn stops, the state server it used is gone within five seconds."""
+    args = ["-c", CONF] if hooks else []
+    # A short --timeout makes orphaned workers notice a SIGKILLed master sooner.
+    server = gunicorn(servers, run_dir, *args, "-w", "2", "--timeout", "4")
+    assert server.get("/").status == 200
+    (state_server,) = server_pids(run_dir)
+    workers = server.children()
+    server.stop(sig)
     start = time.monotonic()
-    wait_for(lambda: not pid_alive(server), timeout=5)
+    wait_for(lambda: not pid_alive(state_server), timeout=5)
     assert time.monotonic() - start < 5
+    if sig == signal.SIGKILL:  # orphaned workers notice their master is gone
+        for worker in workers:
+            wait_for(lambda worker=worker: not pid_alive(worker), timeout=30)
+    assert not os.path.exists(os.path.join(run_dir, "state.sock"))
+
+
+def test_hooks_start_the_server_in_the_masters_name(servers: list[Server], run_dir: str) -> None:
+    """With the hooks, the server runs before any request, owned by the master."""
+    server = gunicorn(servers, run_dir, "-c", CONF, "-w", "2")
+    (state_server,) = server_pids(run_dir)
+    with open(f"/proc/{state_server}/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\0")
+    assert cmdline[cmdline.index(b"--owner-pid") + 1] == str(server.pid).encode()
+    assert hits(server) == 0  # defaults applied by the hook
+
+
+def test_startup_stampede(servers: list[Server], run_dir: str) -> None:
+    """-w 16, cold: the first requests hit all workers at once; one server, no error."""
+    server = gunicorn(servers, run_dir, "-w", "16", "--timeout", "60")
+    wait_for(lambda: len(server.children()) == 16, timeout=60)
+    responses = server.load([("GET", "/stats", None)] * 64, concurrency=64)
+    assert statuses(responses) == {200: 64}
+    assert len({r.json()["worker"] for r in responses}) > 4
+    assert len(server_pids(run_dir)) == 1
+
+
+def test_flags_are_seen_by_every_worker(servers: list[Server], run_dir: str) -> None:
+    """A flag set through one worker changes what every worker answers."""
+    server = gunicorn(servers, run_dir, "-c", CONF, "-w", "4")
+    before = server.load([("GET", "/hello", None)] * 40, concurrency=8)
+    assert all(r.body.startswith(b"hello") for r in before)
+    assert server.request("PUT", "/flags/shout", True).json() == {"shout": True}
+    after = server.load([("GET", "/hello", None)] * 40, concurrency=8)
+    assert all(r.body.startswith(b"HELLO") for r in after)
+    assert len({r.body for r in after}) > 1  # answered by several workers
+
+
+def test_rate_limit_across_workers(servers: list[Server], run_dir: str) -> None:
+    """The per-client limit holds across workers: exactly RATE_LIMIT requests pass."""
+    server = gunicorn(servers, run_dir, "-w", "4", env={"FLASK_RATE_LIMIT": "25"})
+    requests = [("GET", "/api/quote", None)] * 60
+    responses = server.load(requests, concurrency=16)
+    assert statuses(responses) == {200: 25, 429: 35}
+
+
+def test_stopped_state_server_fails_fast_then_recovers(servers: list[Server], run_dir: str) -> None:
+    """A state server that stops answering (SIGSTOP) turns requests into quick 503s,
+    never hung workers; once it answers again, so does the app."""
+    server = gunicorn(
+        servers, run_dir, "-w", "4", "--timeout", "30", env={"FLASK_SHAREDSTATE_TIMEOUT": "1"}
+    )
+    assert server.get("/").status == 200
+    (state_server,) = server_pids(run_dir)
+    os.kill(state_server, signal.SIGSTOP)
+    try:
+        responses = server.load([("GET", "/", None)] * 4, concurrency=4)
+    finally:
+        os.kill(state_server, signal.SIGCONT)
+    assert statuses(responses) == {503: 4}
+    # A reply waits at most 2 x SHAREDSTATE_TIMEOUT, a reconnect 1 x; a worker
+    # that got two of the four requests answers the second after both.
+    assert max(r.seconds for r in responses) < 2 * 1 + 1 + 1
+    wait_for(lambda: server.get("/").status == 200, timeout=5)
+    assert statuses(server.load([("GET", "/", None)] * 100, concurrency=16)) == {200: 100}
+    assert "WORKER TIMEOUT" not in server.log()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["-k", "gthread", "--threads", "4"], id="gthread"),
+        pytest.param(["--preload"], id="preload"),
+        pytest.param(["-k", "gevent", "--worker-connections", "50"], id="gevent"),
+    ],
+)
+def test_worker_types(servers: list[Server], run_dir: str, args: list[str]) -> None:
+    """Threaded, preloaded and gevent workers count exactly and keep the cart whole."""
+    server = gunicorn(servers, run_dir, "-w", "4", *args)
+    items = [f"item-{i}" for i in range(200)]
+    requests = [("GET", "/", None)] * 2000 + [("POST", "/cart", {"item": i}) for i in items]
+    random.Random(11).shuffle(requests)
+    responses = server.load(requests, concurrency=32)
+    assert statuses(responses) == {200: 2200}
+    assert hits(server) == 2000
+    assert sorted(server.get("/cart").json()["cart"]) == sorted(items)
+    assert len(server_pids(run_dir)) == 1

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -106,6 +105,32 @@ def owner_process() -> int:
     return os.getpid()
 
 
+def python_executable() -> str:
+    """The Python interpreter to run the state server with.
+
+    Usually ``sys.executable``; under uWSGI that is the uwsgi binary, so look
+    for the interpreter of this environment instead.
+    """
+    if os.path.basename(sys.executable).startswith(("python", "pypy")):
+        return sys.executable
+    version = sys.version_info
+    for prefix in dict.fromkeys((sys.prefix, sys.exec_prefix, sys.base_prefix)):
+        for name in (f"python{version.major}.{version.minor}", f"python{version.major}", "python"):
+            candidate = os.path.join(prefix, "bin", name)
+            if os.access(candidate, os.X_OK):
+                return candidate
+    raise SharedStateUnavailable(
+        f"cannot find a Python interpreter to run the state server ({sys.executable} is"
+        f" not one, nor is there a python in {sys.prefix}/bin)."
+    )
+
+
+def _gevent_patched() -> bool:
+    """Whether gevent's monkey-patching made ``select`` cooperative in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("select"))
+
+
 class _Link:
     """One authenticated connection of one thread to the server.
 
@@ -113,10 +138,13 @@ class _Link:
     extra ``poll`` per request): ``wait`` is the bound in force.
     """
 
-    __slots__ = ("conn", "poller", "generation", "server_pid", "wait")
+    __slots__ = ("conn", "poller", "generation", "server_pid", "wait", "cooperative")
 
     def __init__(self, conn: Connection, wait: float) -> None:
         self.conn = conn
+        # Under gevent, a blocking read would stall every greenlet of the worker,
+        # including the one holding the lock we wait for: wait in the hub first.
+        self.cooperative = _gevent_patched()
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
         self.generation = _fork_generation
@@ -126,11 +154,13 @@ class _Link:
     def bound_reads(self, wait: float) -> None:
         if wait != self.wait:
             # The Connection owns the descriptor; borrow it for one setsockopt.
-            sock = socket.socket(fileno=self.conn.fileno())
+            fd = self.conn.fileno()
+            sock = socket.socket(fileno=fd)
             try:
                 protocol.set_receive_timeout(sock, wait)
             finally:
                 sock.detach()
+                os.set_blocking(fd, True)  # a gevent (or default-timeout) socket unset it
             self.wait = wait
 
     def close(self) -> None:
@@ -148,9 +178,6 @@ class _Broken(Exception):
         self.cause = cause
 
 
-_ALL: weakref.WeakSet[ManagerBackend] = weakref.WeakSet()
-
-
 class ManagerBackend(Backend):
     name = "manager"
 
@@ -163,7 +190,8 @@ class ManagerBackend(Backend):
         self._defaults: list[tuple[str, Packed]] = []
         self._key: bytes | None = settings.key
         self._key_lock = threading.Lock()
-        _ALL.add(self)
+        #: set by ensure_server: the owner of a server this process starts
+        self._owner: int | None = None
 
     # -- the interface ---------------------------------------------------------
 
@@ -213,6 +241,19 @@ class ManagerBackend(Backend):
         """The pid of the server this thread is connected to (connecting if needed)."""
         return self._link().server_pid
 
+    def ensure_server(self, owner: int) -> int:
+        """Connect, starting a server owned by process ``owner`` if none runs.
+
+        For the gunicorn hooks, which start the server in the master's name.
+        Returns the server's pid.
+        """
+        self._owner = owner
+        try:
+            return self.server_pid()
+        finally:
+            self._owner = None
+            self.close()
+
     # -- one request -------------------------------------------------------------
 
     def _round_trip(self, link: _Link, request: bytes, wait: float) -> Any:
@@ -230,6 +271,8 @@ class ManagerBackend(Backend):
             self._drop(link)  # e.g. gunicorn's timeout exception, mid-message
             raise
         try:
+            if link.cooperative and not select.select([conn.fileno()], [], [], wait)[0]:
+                raise BlockingIOError
             return protocol.loads(conn.recv_bytes())
         except BlockingIOError:
             self._drop(link)
@@ -307,7 +350,9 @@ class ManagerBackend(Backend):
         except BaseException:
             sock.close()
             raise
-        link = _Link(Connection(sock.detach()), remaining)
+        fd = sock.detach()
+        os.set_blocking(fd, True)  # gevent's sockets are non-blocking underneath
+        link = _Link(Connection(fd), remaining)
         conn = link.conn
         try:
             try:
@@ -393,9 +438,9 @@ class ManagerBackend(Backend):
         else:
             host, port = settings.tcp
             where = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-        owner = owner_process()
+        owner = self._owner or owner_process()
         command = [
-            sys.executable,
+            python_executable(),
             "-m",
             "flask_sharedstate.server",
             *where,

@@ -243,16 +243,22 @@ class Session:
         self._store(key, value, ttl)
         return value
 
-    def incr(self, key: str, delta: int | float = 1) -> int | float:
+    def incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> int | float:
+        """Add ``delta``; a key this call creates gets ``ttl``, an existing one keeps its own."""
         key = _check_key(key)
         if type(delta) not in (int, float):
             raise TypeError(f"incr delta must be int or float, not {type(delta).__name__}")
+        ttl = _check_ttl(ttl)
         self._writable((key,))
-        current = self.space.data[key] if self._alive(key) else 0
-        if type(current) not in (int, float):
-            raise TypeError(f"cannot incr key {key!r}: its value is not an int or float")
-        new = current + delta  # type: ignore[operator]
-        self._store(key, new, KEEP_TTL)
+        if self._alive(key):
+            current = self.space.data[key]
+            if type(current) not in (int, float):
+                raise TypeError(f"cannot incr key {key!r}: its value is not an int or float")
+            new = current + delta  # type: ignore[operator]
+            self._store(key, new, KEEP_TTL)
+        else:
+            new = delta
+            self._store(key, new, ttl)
         return new
 
     def compare_and_set(

@@ -1,0 +1,194 @@
+"""Run real WSGI servers (gunicorn, uWSGI, flask run) and send them bounded HTTP load.
+
+Every server listens on a unix socket or a free loopback port, and is stopped by
+pid. Load is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from conftest import wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: no TCP port to find or collide on."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+@dataclass
+class Response:
+    status: int  # 0: no response (connection refused, reset, timed out)
+    body: bytes
+    seconds: float
+    error: str = ""
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    """A running server: its process, where it listens, and its log."""
+
+    proc: subprocess.Popen[bytes]
+    address: str  # a unix socket path, or "host:port"
+    log_path: str
+    run_dir: str
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.address.startswith("/"):
+            return UnixHTTPConnection(self.address, timeout)
+        host, port = self.address.rsplit(":", 1)
+        return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+    def request(
+        self, method: str, url: str, body: Any = None, timeout: float = 30.0, **headers: str
+    ) -> Response:
+        start = time.monotonic()
+        conn = self.connection(timeout)
+        try:
+            data = None
+            if body is not None:
+                data = json.dumps(body)
+                headers["Content-Type"] = "application/json"
+            conn.request(method, url, data, headers)
+            response = conn.getresponse()
+            return Response(response.status, response.read(), time.monotonic() - start)
+        except (OSError, http.client.HTTPException) as exc:
+            return Response(0, b"", time.monotonic() - start, repr(exc))
+        finally:
+            conn.close()
+
+    def get(self, url: str, **kwargs: Any) -> Response:
+        return self.request("GET", url, **kwargs)
+
+    def load(
+        self,
+        requests: Iterable[tuple[str, str, Any]],
+        concurrency: int = 32,
+        during: Callable[[], None] | None = None,
+    ) -> list[Response]:
+        """Send every ``(method, url, body)`` from ``concurrency`` clients; return in order.
+
+        ``during`` runs in the calling thread while the load is under way.
+        """
+        items = list(requests)
+        with ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(self.request, *item) for item in items]
+            if during is not None:
+                during()
+            return [f.result(timeout=300) for f in futures]
+
+    def children(self) -> list[int]:
+        """The pids of the server's direct children (gunicorn's workers)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.stopped = True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(command: list[str], address: str, run_dir: str, env: dict[str, str]) -> Server:
+    log_path = os.path.join(run_dir, "server.log")
+    full_env = dict(os.environ)
+    full_env["FLASK_SHAREDSTATE_SOCKET"] = os.path.join(run_dir, "state.sock")
+    full_env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, full_env.get("PYTHONPATH", "")])
+    full_env.update(env)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = Server(proc, address, log_path, run_dir)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            return True
+        return server.get("/stats", timeout=2).status == 200
+
+    try:
+        wait_for(ready, timeout=60, interval=0.05)
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"the server exited at start:\n{server.log()}")
+    return server
+
+
+def start_gunicorn(
+    run_dir: str, *args: str, app: str = "loadapp:app", env: dict[str, str] | None = None
+) -> Server:
+    """``gunicorn ARGS APP`` bound to a unix socket in ``run_dir``."""
+    import gunicorn
+
+    address = os.path.join(run_dir, "http.sock")
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"unix:{address}"]
+    if gunicorn.version_info >= (25,):  # keep its control socket out of the home folder
+        command += ["--control-socket", os.path.join(run_dir, "gunicorn.ctl")]
+    command += [*args, app]
+    return _start(command, address, run_dir, env or {})
+
+
+def start_flask_run(run_dir: str, *args: str) -> Server:
+    """``flask --app loadapp run ARGS`` on a free loopback port."""
+    port = free_port()
+    command = [sys.executable, "-m", "flask", "--app", "loadapp:app", "run", "--port", str(port)]
+    return _start([*command, *args], f"127.0.0.1:{port}", run_dir, {})
+
+
+def start_uwsgi(run_dir: str, *args: str) -> Server:
+    """``uwsgi --master --processes 4`` serving HTTP on a unix socket."""
+    address = os.path.join(run_dir, "http.sock")
+    uwsgi = os.path.join(os.path.dirname(sys.executable), "uwsgi")
+    command = [uwsgi, "--http-socket", address, "--master", "--module", "loadapp:app"]
+    command += ["--die-on-term", "--need-app", "--disable-logging", *args]
+    return _start(command, address, run_dir, {})

@@ -1,0 +1,61 @@
+"""The example app under the other servers users run: flask run, and uWSGI."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+
+import pytest
+from servers import Server, start_flask_run, start_uwsgi
+
+from conftest import pid_alive, server_pids, wait_for
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        if not server.stopped:
+            server.stop(signal.SIGKILL)
+
+
+def exercise(server: Server, run_dir: str, requests: int = 300) -> int:
+    """Counter and cart under concurrent load; returns the state server's pid."""
+    items = [f"item-{i}" for i in range(50)]
+    load = [("GET", "/", None)] * requests + [("POST", "/cart", {"item": i}) for i in items]
+    responses = server.load(load, concurrency=8)
+    assert {r.status for r in responses} == {200}
+    assert server.get("/stats").json()["hits"] == requests
+    assert sorted(server.get("/cart").json()["cart"]) == sorted(items)
+    (state_server,) = server_pids(run_dir)
+    return state_server
+
+
+@pytest.mark.parametrize("reloader", [False, True], ids=["no-reloader", "reloader"])
+def test_flask_run(servers: list[Server], run_dir: str, reloader: bool) -> None:
+    """The development server, threaded, with and without the reloader; the state
+    server stops when flask run does."""
+    args = ["--reload"] if reloader else ["--no-reload"]
+    server = start_flask_run(run_dir, *args)
+    servers.append(server)
+    state_server = exercise(server, run_dir)
+    server.stop(signal.SIGINT)
+    wait_for(lambda: not pid_alive(state_server), timeout=5)
+
+
+@pytest.mark.skipif(
+    shutil.which("uwsgi", path=sys.exec_prefix + "/bin") is None,
+    reason="uWSGI is not installed (pip install uwsgi builds it from source)",
+)
+def test_uwsgi_master_and_4_processes(servers: list[Server], run_dir: str) -> None:
+    """uWSGI with --master --processes 4: exact counts, one server, gone with uWSGI."""
+    server = start_uwsgi(run_dir, "--processes", "4")
+    servers.append(server)
+    state_server = exercise(server, run_dir, requests=1000)
+    workers = {server.get("/stats").json()["worker"] for _ in range(40)}
+    assert len(workers) > 1
+    server.stop(signal.SIGTERM)
+    wait_for(lambda: not pid_alive(state_server), timeout=5)
