@@ -138,10 +138,11 @@ class _Link:
     extra ``poll`` per request): ``wait`` is the bound in force.
     """
 
-    __slots__ = ("conn", "poller", "generation", "server_pid", "wait", "cooperative")
+    __slots__ = ("conn", "fd", "poller", "generation", "server_pid", "wait", "cooperative")
 
     def __init__(self, conn: Connection, wait: float) -> None:
-        self.conn = conn
+        self.conn = conn  # for the handshake; requests use the descriptor directly
+        self.fd = conn.fileno()
         # Under gevent, a blocking read would stall every greenlet of the worker,
         # including the one holding the lock we wait for: wait in the hub first.
         self.cooperative = _gevent_patched()
@@ -257,23 +258,23 @@ class ManagerBackend(Backend):
     # -- one request -------------------------------------------------------------
 
     def _round_trip(self, link: _Link, request: bytes, wait: float) -> Any:
-        conn = link.conn
+        fd = link.fd
         if self.settings.tcp is not None and link.poller.poll(0):
             # Nothing is due, so the server closed this connection (TCP would only
             # report that on the next receive, after the request had gone out).
             raise _Broken(False, EOFError("connection closed by the state server"))
         try:
             link.bound_reads(wait)
-            conn.send_bytes(request)
+            protocol.write_message(fd, request)
         except OSError as exc:
             raise _Broken(False, exc) from exc
         except BaseException:
             self._drop(link)  # e.g. gunicorn's timeout exception, mid-message
             raise
         try:
-            if link.cooperative and not select.select([conn.fileno()], [], [], wait)[0]:
+            if link.cooperative and not select.select([fd], [], [], wait)[0]:
                 raise BlockingIOError
-            return protocol.loads(conn.recv_bytes())
+            return protocol.loads(protocol.read_message(fd))
         except BlockingIOError:
             self._drop(link)
             raise SharedStateUnavailable(

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import protocol
-from .store import LockTimeout, Store
+from .store import LockTimeout, Session, Store
 
 log = logging.getLogger("flask_sharedstate.server")
 
@@ -172,7 +172,7 @@ class StateServer:
             session.close()
             conn.close()
 
-    def _greet(self, conn: Connection) -> Any:
+    def _greet(self, conn: Connection) -> Session:
         protocol.server_handshake(conn, self.key)
         hello = protocol.loads(conn.recv_bytes(protocol.MAX_MESSAGE))
         if (
@@ -194,15 +194,16 @@ class StateServer:
         conn.send_bytes(protocol.dumps((True, {"pid": os.getpid()})))
         return session
 
-    def _serve_session(self, conn: Connection, session: Any) -> None:
-        recv, send, loads, dumps = (
-            conn.recv_bytes,
-            conn.send_bytes,
+    def _serve_session(self, conn: Connection, session: Session) -> None:
+        fd = conn.fileno()
+        read, write, loads, dumps = (
+            protocol.read_message,
+            protocol.write_message,
             protocol.loads,
             protocol.dumps,
         )
         while True:
-            request = recv(protocol.MAX_MESSAGE)
+            request = read(fd)
             try:
                 op, *args = loads(request)
                 if op == "info":
@@ -215,9 +216,9 @@ class StateServer:
                 reply = (False, type(exc).__name__, exc.args)
             except Exception as exc:  # noqa: BLE001 - a bad request never stops the server
                 reply = (False, "ValueError", (f"bad request: {type(exc).__name__}",))
-            send(dumps(reply))
+            write(fd, dumps(reply))
 
-    def info(self, session: Any) -> dict[str, Any]:
+    def info(self, session: Session) -> dict[str, Any]:
         with self.store.cond:
             return {
                 "pid": os.getpid(),

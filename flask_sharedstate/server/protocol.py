@@ -16,6 +16,7 @@ server never unpickles.
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
@@ -39,6 +40,48 @@ KEEP_TTL = "keep"
 
 #: Errors the server may report, by name; anything else becomes RuntimeError.
 ERROR_NAMES = ("KeyError", "TypeError", "ValueError", "RuntimeError", "LockTimeout")
+
+
+#: The length prefix of every message, as multiprocessing.connection writes it.
+HEADER = struct.Struct("!i")
+
+
+def write_message(fd: int, body: bytes) -> None:
+    """Write one message to a blocking descriptor, in one system call where it fits."""
+    data = memoryview(HEADER.pack(len(body)) + body)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def read_message(fd: int, first_read: int = 65536) -> bytes:
+    """Read one message from a blocking descriptor: usually a single ``read``.
+
+    Raises EOFError when the peer closed, OSError for a message over
+    :data:`MAX_MESSAGE`, BlockingIOError when ``SO_RCVTIMEO`` expired.
+    """
+    buf = os.read(fd, first_read)
+    while len(buf) < 4:
+        if not buf:
+            raise EOFError("connection closed")
+        more = os.read(fd, first_read)
+        if not more:
+            raise EOFError("connection closed")
+        buf += more
+    (size,) = HEADER.unpack_from(buf)
+    if not 0 <= size <= MAX_MESSAGE:
+        raise OSError(f"bad message length {size}")
+    end = size + 4
+    if len(buf) < end:
+        parts = [buf]
+        have = len(buf)
+        while have < end:
+            chunk = os.read(fd, min(end - have, 1 << 20))
+            if not chunk:
+                raise EOFError("connection closed mid-message")
+            parts.append(chunk)
+            have += len(chunk)
+        buf = b"".join(parts)
+    return buf[4:end]
 
 
 def dumps(message: Any) -> bytes:

@@ -34,6 +34,22 @@ class LockTimeout(Exception):
     """A lock, an atomic block or a write blocked by one waited too long."""
 
 
+class WouldBlock(Exception):
+    """The operation must wait (for a lock, or an atomic block) and has changed nothing.
+
+    :meth:`Session.call` waits and tries again; the state server parks the
+    request instead, and tries it again when something was released.
+    """
+
+    def __init__(self, timeout: float, what: str) -> None:
+        super().__init__(what)
+        self.timeout = timeout
+        self.what = what
+
+    def timed_out(self) -> LockTimeout:
+        return LockTimeout(f"{self.what} waited {self.timeout:g}s")
+
+
 class Namespace:
     """The state of one namespace."""
 
@@ -147,14 +163,8 @@ class Session:
                 del space.data[key]
 
     def _wait(self, blocked: Callable[[], bool], timeout: float, what: str) -> None:
-        if not blocked():
-            return
-        deadline = time.monotonic() + timeout
-        while blocked():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LockTimeout(f"{what} waited {timeout:g}s")
-            self.store.cond.wait(remaining)
+        if blocked():
+            raise WouldBlock(timeout, what)
 
     def _writable(self, keys: Iterable[str]) -> None:
         """Wait while another session's atomic block has claimed one of ``keys``."""
@@ -184,15 +194,31 @@ class Session:
         space.deadlines.pop(key, None)
         return True
 
-    def _run(self, op: str, args: tuple[Any, ...]) -> Any:
-        return OPERATIONS[op](self, *args)
-
-    def call(self, op: str, args: tuple[Any, ...]) -> Any:
-        """Run one operation as one atomic step."""
-        if op not in OPERATIONS:
+    def attempt(self, op: str, args: tuple[Any, ...]) -> Any:
+        """Run one operation as one atomic step, or raise :exc:`WouldBlock`."""
+        method = OPERATIONS.get(op)
+        if method is None:
             raise ValueError(f"unknown operation {op!r}")
         with self.store.cond:
-            return OPERATIONS[op](self, *args)
+            return method(self, *args)
+
+    def call(self, op: str, args: tuple[Any, ...]) -> Any:
+        """Run one operation as one atomic step, waiting (in this thread) where it must."""
+        method = OPERATIONS.get(op)
+        if method is None:
+            raise ValueError(f"unknown operation {op!r}")
+        deadline = None
+        with self.store.cond:
+            while True:
+                try:
+                    return method(self, *args)
+                except WouldBlock as blocked:
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + blocked.timeout
+                    if now >= deadline:
+                        raise blocked.timed_out() from None
+                    self.store.cond.wait(deadline - now)
 
     # -- the operations ------------------------------------------------------
 
