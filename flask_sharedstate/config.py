@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "SHAREDSTATE_REDIS_URL": None,
     "SHAREDSTATE_NAMESPACE": None,
     "SHAREDSTATE_TIMEOUT": 5.0,
+    "SHAREDSTATE_LEASE": 30.0,
 }
 
 BACKENDS = ("manager", "memory", "redis")
@@ -56,6 +57,10 @@ class Settings:
     run_base: str
     namespace: str
     timeout: float
+    #: redis: the URL (its password never shown in a repr)
+    redis_url: str | None = field(default=None, repr=False)
+    #: redis: seconds a lock or atomic block outlives a holder that vanished
+    lease: float = 30.0
 
     @property
     def key_file(self) -> str:
@@ -94,6 +99,18 @@ def _text(config: Any, key: str) -> str | None:
     return value
 
 
+def _seconds(config: Any, key: str) -> float:
+    value = config[key]
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(key, value, "a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _fail(key, value, "a positive number of seconds")
+    return float(value)
+
+
 def _app_slug(app: Flask) -> str:
     """A per-app name: readable, and unique per app location on this machine."""
     identity = f"{app.import_name}\0{app.root_path}".encode()
@@ -120,21 +137,17 @@ def load_settings(app: Flask) -> Settings:
     backend = _text(config, "SHAREDSTATE_BACKEND") or "manager"
     if backend not in BACKENDS:
         raise _fail("SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS)))
-    if backend == "redis":
+    redis_url = _text(config, "SHAREDSTATE_REDIS_URL")
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise _fail("SHAREDSTATE_REDIS_URL", redis_url, "a redis://, rediss:// or unix:// URL")
+    if backend == "redis" and redis_url is None:
         raise ConfigError(
-            "SHAREDSTATE_BACKEND = 'redis' is not available in this version of"
-            " Flask-SharedState; use 'manager' (the default) or 'memory'."
+            "SHAREDSTATE_BACKEND = 'redis' needs SHAREDSTATE_REDIS_URL, e.g."
+            " 'redis://localhost:6379/0' (or rediss://, unix://)."
         )
 
-    timeout = config["SHAREDSTATE_TIMEOUT"]
-    if isinstance(timeout, str):
-        try:
-            timeout = float(timeout)
-        except ValueError:
-            raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a number of seconds") from None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise _fail("SHAREDSTATE_TIMEOUT", timeout, "a positive number of seconds")
-    timeout = float(timeout)
+    timeout = _seconds(config, "SHAREDSTATE_TIMEOUT")
+    lease = _seconds(config, "SHAREDSTATE_LEASE")
 
     if _text(config, "SHAREDSTATE_PERSIST_PATH") is not None:
         raise ConfigError(
@@ -225,4 +238,6 @@ def load_settings(app: Flask) -> Settings:
         run_base=run_base,
         namespace=namespace,
         timeout=timeout,
+        redis_url=redis_url,
+        lease=lease,
     )

@@ -33,6 +33,13 @@ def _make_backend(settings: Settings) -> Backend:
         from .backends.memory import MemoryBackend
 
         return MemoryBackend(settings.namespace, settings.timeout)
+    if settings.backend == "redis":
+        from .backends.redis import RedisBackend
+
+        assert settings.redis_url is not None
+        return RedisBackend(
+            settings.redis_url, settings.namespace, settings.timeout, settings.lease
+        )
     from .backends.manager import ManagerBackend
 
     return ManagerBackend(settings)
@@ -66,7 +73,8 @@ class SharedState:
     Reads these config keys (see the README for each): ``SHAREDSTATE_BACKEND``,
     ``SHAREDSTATE_HOST``, ``SHAREDSTATE_PORT``, ``SHAREDSTATE_SOCKET``,
     ``SHAREDSTATE_KEY``, ``SHAREDSTATE_PERSIST_PATH``, ``SHAREDSTATE_FSYNC``,
-    ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_NAMESPACE``, ``SHAREDSTATE_TIMEOUT``.
+    ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_NAMESPACE``, ``SHAREDSTATE_TIMEOUT``,
+    ``SHAREDSTATE_LEASE``.
     """
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):

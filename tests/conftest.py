@@ -15,7 +15,7 @@ from flask import Flask
 from flask_sharedstate import SharedState
 
 #: Every backend, and the manager over TCP: the conformance suite runs on each.
-BACKENDS = ["memory", "manager", "manager-tcp"]
+BACKENDS = ["memory", "manager", "manager-tcp", "redis"]
 
 
 def free_port() -> int:
@@ -96,6 +96,13 @@ def run_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config: Any) -> Flask:
     """An app on ``backend`` whose server files all live in ``run_dir``."""
     app = Flask(name)
+    if backend == "redis":
+        assert _redis["url"], "use the redis_url fixture (the backend fixture does)"
+        app.config["SHAREDSTATE_REDIS_URL"] = _redis["url"]
+        # Each test's own namespace: tests never see each other's keys.
+        app.config["SHAREDSTATE_NAMESPACE"] = f"{name}-{os.path.basename(run_dir or 'x')}"
+        # Redis cannot see a holder go: its locks end with their lease. Keep it short.
+        app.config["SHAREDSTATE_LEASE"] = 2.0
     if backend == "manager-tcp":
         assert run_dir is not None
         backend = "manager"
@@ -107,8 +114,67 @@ def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config
     return app
 
 
+_redis: dict[str, str] = {"url": ""}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    import subprocess
+
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("the redis tests need redis-server: apt-get install redis-server")
+    folder = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+            "--logfile",
+            str(folder / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: _pings(client), timeout=20)
+        client.close()
+        _redis["url"] = url
+        yield url
+    finally:
+        _redis["url"] = ""
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        request.getfixturevalue("redis_url")
     return request.param  # type: ignore[no-any-return]
 
 

@@ -137,8 +137,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(command: list[str], address: str, run_dir: str, env: dict[str, str]) -> Server:
-    log_path = os.path.join(run_dir, "server.log")
+def _start(
+    command: list[str], address: str, run_dir: str, env: dict[str, str], name: str = "server"
+) -> Server:
+    log_path = os.path.join(run_dir, f"{name}.log")
     full_env = dict(os.environ)
     full_env["FLASK_SHAREDSTATE_SOCKET"] = os.path.join(run_dir, "state.sock")
     full_env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, full_env.get("PYTHONPATH", "")])
@@ -165,17 +167,21 @@ def _start(command: list[str], address: str, run_dir: str, env: dict[str, str]) 
 
 
 def start_gunicorn(
-    run_dir: str, *args: str, app: str = "loadapp:app", env: dict[str, str] | None = None
+    run_dir: str,
+    *args: str,
+    app: str = "loadapp:app",
+    env: dict[str, str] | None = None,
+    name: str = "http",
 ) -> Server:
-    """``gunicorn ARGS APP`` bound to a unix socket in ``run_dir``."""
+    """``gunicorn ARGS APP`` bound to the unix socket ``run_dir/NAME.sock``."""
     import gunicorn
 
-    address = os.path.join(run_dir, "http.sock")
+    address = os.path.join(run_dir, f"{name}.sock")
     command = [sys.executable, "-m", "gunicorn", "--bind", f"unix:{address}"]
     if gunicorn.version_info >= (25,):  # keep its control socket out of the home folder
-        command += ["--control-socket", os.path.join(run_dir, "gunicorn.ctl")]
+        command += ["--control-socket", os.path.join(run_dir, f"{name}.ctl")]
     command += [*args, app]
-    return _start(command, address, run_dir, env or {})
+    return _start(command, address, run_dir, env or {}, name)
 
 
 def start_flask_run(run_dir: str, *args: str) -> Server:

@@ -32,7 +32,9 @@ def test_defaults_are_set_on_the_config() -> None:
     ("key", "value", "message"),
     [
         ("SHAREDSTATE_BACKEND", "postgres", "one of 'manager', 'memory', 'redis'"),
-        ("SHAREDSTATE_BACKEND", "redis", "not available in this version"),
+        ("SHAREDSTATE_BACKEND", "redis", "needs SHAREDSTATE_REDIS_URL"),
+        ("SHAREDSTATE_REDIS_URL", "http://x", "redis://, rediss:// or unix://"),
+        ("SHAREDSTATE_LEASE", -1, "positive number"),
         ("SHAREDSTATE_TIMEOUT", 0, "positive number"),
         ("SHAREDSTATE_TIMEOUT", "soon", "number of seconds"),
         ("SHAREDSTATE_TIMEOUT", True, "positive number"),

@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from servers import ROOT, Server, start_gunicorn
 
 from conftest import pid_alive, server_pids, wait_for
+from servers import ROOT, Server, start_gunicorn
 
 CONF = os.path.join(ROOT, "example_app", "gunicorn.conf.py")
 

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from servers import Server, start_flask_run, start_uwsgi
 
 from conftest import pid_alive, server_pids, wait_for
+from servers import Server, start_flask_run, start_uwsgi
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ app, as a gunicorn worker would.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,9 +18,12 @@ from flask_sharedstate import SharedState, SharedStateUnavailable
 
 
 def make_shared(socket_path: str, timeout: float = 5.0, **config: Any) -> SharedState:
+    """An app's SharedState on the server at ``socket_path``, or on the backend that
+    ``FSS_TEST_BACKEND`` (JSON config, set by a test for all its processes) names."""
     app = Flask("worker_app")
     app.config["SHAREDSTATE_SOCKET"] = socket_path
     app.config["SHAREDSTATE_TIMEOUT"] = timeout
+    app.config.update(json.loads(os.environ.get("FSS_TEST_BACKEND", "{}")))
     app.config.update(config)
     return SharedState(app)
 

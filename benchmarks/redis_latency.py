@@ -1,0 +1,103 @@
+"""Per-operation latency of the ``redis`` backend against plain redis-py, same server.
+
+Starts its own ``redis-server`` on a free loopback port (``apt-get install
+redis-server``), then measures in interleaved rounds: redis-py ``GET``, ``SET``
+and ``INCR``, and Flask-SharedState's ``get``, ``set`` and ``incr`` on the
+``redis`` backend. Each figure is the median over rounds of the mean latency
+of ``--ops`` operations, in microseconds. Run::
+
+    python benchmarks/redis_latency.py [--ops 20000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import redis
+from flask import Flask
+
+from flask_sharedstate import SharedState
+
+
+def _time(op: Callable[[], object], ops: int) -> float:
+    start = time.perf_counter()
+    for _ in range(ops):
+        op()
+    return (time.perf_counter() - start) / ops * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    server = shutil.which("redis-server")
+    if server is None:
+        print("this benchmark needs redis-server: apt-get install redis-server", file=sys.stderr)
+        return 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="fss-redis-bench-")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+        app = Flask("benchmark")
+        app.config.update(SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url)
+        shared = SharedState(app)
+        client.set("plain", 0)
+        shared.set("n", 0)
+        cases: dict[str, Callable[[], object]] = {
+            "redis-py GET": lambda: client.get("plain"),
+            "redis-py SET": lambda: client.set("plain", 1),
+            "redis-py INCR": lambda: client.incr("plain"),
+            "redis backend get": lambda: shared.get("n"),
+            "redis backend set": lambda: shared.set("n", 1),
+            "redis backend incr": lambda: shared.incr("n"),
+        }
+        results: dict[str, list[float]] = {name: [] for name in cases}
+        for op in cases.values():
+            _time(op, min(args.ops, 1000))
+        for _ in range(args.rounds):
+            for name, op in cases.items():
+                results[name].append(_time(op, args.ops))
+        median = {name: statistics.median(v) for name, v in results.items()}
+        print(f"{args.rounds} rounds of {args.ops} operations, one client, redis-server {port}")
+        print(f"{'case':24} {'µs/op':>8} {'x redis-py':>11}")
+        for ours, plain in (("get", "GET"), ("set", "SET"), ("incr", "INCR")):
+            base = median[f"redis-py {plain}"]
+            print(f"{'redis-py ' + plain:24} {base:8.1f} {1:11.2f}")
+            mine = median[f"redis backend {ours}"]
+            print(f"{'redis backend ' + ours:24} {mine:8.1f} {mine / base:11.2f}")
+        shared.state().backend.close()
+        client.close()
+        return 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
