@@ -318,10 +318,14 @@ class RedisBackend(Backend):
     def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run a script by its hash (one round trip), loading it first if Redis lacks it."""
         try:
-            return self.client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            return self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._shas[name], len(keys), *keys, *args
+            )
         except self._redis.exceptions.NoScriptError:
             self.client.script_load(SCRIPTS[name])
-            return self.client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            return self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._shas[name], len(keys), *keys, *args
+            )
 
     def _run(
         self, name: str, keys: list[str], args: list[Any], timeout: float | None = None
