@@ -57,6 +57,10 @@ class Settings:
     run_base: str
     namespace: str
     timeout: float
+    #: manager: the persistence file, or None for memory only
+    persist_path: str | None = None
+    #: manager: "always", "everysec" or "no"
+    fsync: str = "everysec"
     #: redis: the URL (its password never shown in a repr)
     redis_url: str | None = field(default=None, repr=False)
     #: redis: seconds a lock or atomic block outlives a holder that vanished
@@ -149,12 +153,19 @@ def load_settings(app: Flask) -> Settings:
     timeout = _seconds(config, "SHAREDSTATE_TIMEOUT")
     lease = _seconds(config, "SHAREDSTATE_LEASE")
 
-    if _text(config, "SHAREDSTATE_PERSIST_PATH") is not None:
-        raise ConfigError(
-            "SHAREDSTATE_PERSIST_PATH is set, but persistence is not available in this"
-            " version of Flask-SharedState: the state lives in memory only. Remove the"
-            " key to accept that."
-        )
+    persist_path = _text(config, "SHAREDSTATE_PERSIST_PATH")
+    if persist_path is not None:
+        if backend != "manager":
+            raise ConfigError(
+                f"SHAREDSTATE_PERSIST_PATH is for the 'manager' backend; with {backend!r},"
+                + (
+                    " Redis keeps the state as its own configuration says (appendonly)."
+                    if backend == "redis"
+                    else " the state lives in this process only. Remove the key."
+                )
+            )
+        # Relative paths are relative to the instance folder, as Flask's own files are.
+        persist_path = os.path.join(app.instance_path, os.path.expanduser(persist_path))
     fsync = _text(config, "SHAREDSTATE_FSYNC") or "everysec"
     if fsync not in FSYNC_POLICIES:
         raise _fail("SHAREDSTATE_FSYNC", fsync, "one of " + ", ".join(map(repr, FSYNC_POLICIES)))
@@ -240,4 +251,6 @@ def load_settings(app: Flask) -> Settings:
         timeout=timeout,
         redis_url=redis_url,
         lease=lease,
+        persist_path=persist_path,
+        fsync=fsync,
     )

@@ -42,7 +42,7 @@ def test_defaults_are_set_on_the_config() -> None:
         ("SHAREDSTATE_PORT", "http", "1 to 65535"),
         ("SHAREDSTATE_HOST", "127.0.0.1", "SHAREDSTATE_PORT is not"),
         ("SHAREDSTATE_FSYNC", "sometimes", "'always', 'everysec', 'no'"),
-        ("SHAREDSTATE_PERSIST_PATH", "/tmp/state.db", "not available in this version"),
+        ("SHAREDSTATE_FSYNC", "weekly", "'always', 'everysec', 'no'"),
         ("SHAREDSTATE_NAMESPACE", 5, "non-empty string"),
         ("SHAREDSTATE_KEY", 12345, "str or bytes"),
         ("SHAREDSTATE_SOCKET", "/tmp/" + "x" * 120, "at most 107 bytes"),

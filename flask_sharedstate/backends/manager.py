@@ -385,6 +385,14 @@ class ManagerBackend(Backend):
                     " stop it so that this version can start its own."
                 )
             link.server_pid = welcome["pid"]
+            if welcome.get("persist") != self.settings.persist_path:
+                raise SharedStateUnavailable(
+                    f"the state server at {self.address} (pid {link.server_pid}) persists to"
+                    f" {welcome.get('persist') or 'nothing'}, but this app's"
+                    f" SHAREDSTATE_PERSIST_PATH is {self.settings.persist_path or 'unset'}."
+                    " Stop that server (flask sharedstate stop) so that one with this"
+                    " configuration can start, or give the apps the same setting."
+                )
             if self._defaults:
                 conn.send_bytes(protocol.dumps(("apply_defaults", self._defaults)))
                 reply = protocol.loads(conn.recv_bytes())
@@ -453,6 +461,8 @@ class ManagerBackend(Backend):
             settings.run_base + ".pid",
             "--detach",
         ]
+        if settings.persist_path is not None:
+            command += ["--persist", settings.persist_path, "--fsync", settings.fsync]
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

@@ -16,7 +16,9 @@ import os
 import socket
 import sys
 
+from .persistence import Journal, PersistenceError
 from .process import StateServer, install_signal_handlers
+from .store import Store
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +30,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--owner-start", help="start time of the owner, from /proc")
     parser.add_argument("--ready-fd", type=int, help="write the readiness line here")
     parser.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    parser.add_argument("--persist", metavar="PATH", help="restore from and journal to this file")
+    parser.add_argument(
+        "--fsync", choices=("always", "everysec", "no"), default="everysec", help="with --persist"
+    )
     parser.add_argument("--detach", action="store_true", help="fork once after binding")
     return parser.parse_args(argv)
 
@@ -73,6 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
 
+    store = Store()
+    if args.persist:
+        journal = Journal(args.persist, args.fsync)
+        try:
+            keys = store.restore(journal.load())
+        except PersistenceError as exc:
+            say(f"error {exc}")
+            return 2
+        except Exception as exc:  # noqa: BLE001 - say it to the starter, whatever it is
+            say(f"error cannot restore from {args.persist}: {type(exc).__name__}: {exc}")
+            return 2
+        store.journal = journal
+        logging.getLogger("flask_sharedstate.server").info(
+            "restored %d keys from %s (fsync %s)", keys, args.persist, args.fsync
+        )
+
     try:
         listener = _bind(args)
     except OSError as exc:
@@ -93,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         owner_pid=args.owner_pid,
         owner_start=args.owner_start,
         pid_file=args.pid_file,
+        store=store,
     )
     install_signal_handlers(server)
     logging.getLogger("flask_sharedstate.server").info(

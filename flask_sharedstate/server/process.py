@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import protocol
+from .persistence import Journal
 from .store import LockTimeout, Session, Store
 
 log = logging.getLogger("flask_sharedstate.server")
@@ -102,6 +103,11 @@ class StateServer:
         finally:
             sel.close()
             self._close_listener()
+            journal = self.store.journal
+            if journal is not None:
+                with self.store.cond:  # no write slips in after the last fsync
+                    journal.close()
+                log.info("saved %s", journal.path)
 
     def _accept(self) -> None:
         try:
@@ -148,6 +154,33 @@ class StateServer:
             else:
                 time.sleep(SWEEP_INTERVAL / 4)
             self.store.sweep()
+            if self.store.journal is not None:
+                self._persist(self.store.journal)
+
+    def _persist(self, journal: Journal) -> None:
+        """fsync (``everysec``), and compact the journal when it has grown."""
+        journal.sync()
+        if not journal.wants_compaction():
+            return
+        started = time.monotonic()
+        with self.store.cond:
+            journal.begin_compaction()
+            snapshot = self.store.snapshot()
+        try:
+            aside = journal.write_compacted(snapshot)  # the slow part: clients go on
+            with self.store.cond:
+                journal.finish_compaction(aside)
+        except OSError as exc:
+            with self.store.cond:
+                journal.abandon_compaction()
+            log.error("compaction of %s failed, the journal is intact: %s", journal.path, exc)
+            return
+        log.info(
+            "compacted %s to %d bytes in %.2fs",
+            journal.path,
+            journal.size,
+            time.monotonic() - started,
+        )
 
     def _owner_alive(self) -> bool:
         assert self.owner_pid is not None
@@ -191,7 +224,9 @@ class StateServer:
         finally:
             sock.close()
         session = self.store.session(hello[2], float(hello[3]))
-        conn.send_bytes(protocol.dumps((True, {"pid": os.getpid()})))
+        journal = self.store.journal
+        welcome = {"pid": os.getpid(), "persist": None if journal is None else journal.path}
+        conn.send_bytes(protocol.dumps((True, welcome)))
         return session
 
     def _serve_session(self, conn: Connection, session: Session) -> None:
@@ -219,6 +254,7 @@ class StateServer:
             write(fd, dumps(reply))
 
     def info(self, session: Session) -> dict[str, Any]:
+        journal = self.store.journal
         with self.store.cond:
             return {
                 "pid": os.getpid(),
@@ -227,7 +263,29 @@ class StateServer:
                 "namespaces": len(self.store.namespaces),
                 "keys": len(session.space.data),
                 "owner_pid": self.owner_pid,
+                "memory": _resident_memory(),
+                "persistence": None
+                if journal is None
+                else {
+                    "path": journal.path,
+                    "fsync": journal.fsync_policy,
+                    "size": journal.size,
+                    "last_fsync": journal.last_fsync,
+                    "compactions": journal.compactions,
+                },
             }
+
+
+def _resident_memory() -> int | None:
+    """This process's resident memory in bytes, from /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def install_signal_handlers(server: StateServer) -> None:

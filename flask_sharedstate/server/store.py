@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .persistence import Journal, Record
 from .protocol import KEEP_TTL
 
 Value = int | float | bytes
@@ -54,6 +55,7 @@ class Namespace:
     """The state of one namespace."""
 
     __slots__ = (
+        "name",
         "data",
         "deadlines",
         "locks",
@@ -62,7 +64,8 @@ class Namespace:
         "applied_defaults",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.data: dict[str, Value] = {}
         #: key -> monotonic deadline, only for keys with a time to live
         self.deadlines: dict[str, float] = {}
@@ -77,18 +80,66 @@ class Namespace:
 class Store:
     """All namespaces of one state server (or of one process, for ``memory``)."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, journal: Journal | None = None) -> None:
         self.clock = clock
         self.cond = threading.Condition(threading.Lock())
         self.namespaces: dict[str, Namespace] = {}
         self.sessions = 0
         self._serial = 0
+        #: where changes go before an operation's reply, when persistence is on
+        self.journal = journal
+        #: the changes of the operation under way, for the journal
+        self.changes: list[Record] = []
+
+    def _space(self, name: str) -> Namespace:
+        space = self.namespaces.get(name)
+        if space is None:
+            space = self.namespaces[name] = Namespace(name)
+        return space
+
+    def _wall_deadline(self, deadline: float | None) -> float | None:
+        return None if deadline is None else time.time() + (deadline - self.clock())
+
+    def restore(self, records: Iterable[Record]) -> int:
+        """Replay journal records into an empty store; return how many keys it holds."""
+        now_wall, now = time.time(), self.clock()
+        with self.cond:
+            for record in records:
+                kind, space = record[0], self._space(record[1])
+                if kind == "put":
+                    _, _, key, value, deadline = record
+                    if deadline is not None and deadline <= now_wall:
+                        space.data.pop(key, None)
+                        space.deadlines.pop(key, None)
+                        continue
+                    space.data[key] = value
+                    if deadline is None:
+                        space.deadlines.pop(key, None)
+                    else:
+                        space.deadlines[key] = now + (deadline - now_wall)
+                elif kind == "del":
+                    space.data.pop(record[2], None)
+                    space.deadlines.pop(record[2], None)
+                elif kind == "clear":
+                    space.data.clear()
+                    space.deadlines.clear()
+                elif kind == "default":
+                    space.applied_defaults.add(record[2])
+            return sum(len(s.data) for s in self.namespaces.values())
+
+    def snapshot(self) -> list[Record]:
+        """The whole state as journal records (call with ``cond`` held: it is a copy)."""
+        records: list[Record] = []
+        for space in self.namespaces.values():
+            name, deadlines = space.name, space.deadlines
+            for key, value in space.data.items():
+                records.append(("put", name, key, value, self._wall_deadline(deadlines.get(key))))
+            records.extend(("default", name, key) for key in space.applied_defaults)
+        return records
 
     def session(self, namespace: str, wait_timeout: float) -> Session:
         with self.cond:
-            space = self.namespaces.get(namespace)
-            if space is None:
-                space = self.namespaces[namespace] = Namespace()
+            space = self._space(namespace)
             self.sessions += 1
             self._serial += 1
             serial = self._serial
@@ -179,12 +230,13 @@ class Session:
     def _store(self, key: str, value: Value, ttl: float | None | str) -> None:
         space = self.space
         space.data[key] = value
-        if ttl == KEEP_TTL:
-            return
         if ttl is None:
             space.deadlines.pop(key, None)
-        else:
+        elif ttl != KEEP_TTL:
             space.deadlines[key] = self.store.clock() + ttl  # type: ignore[operator]
+        if self.store.journal is not None:
+            deadline = self.store._wall_deadline(space.deadlines.get(key))
+            self.store.changes.append(("put", space.name, key, value, deadline))
 
     def _remove(self, key: str) -> bool:
         space = self.space
@@ -192,15 +244,9 @@ class Session:
             return False
         del space.data[key]
         space.deadlines.pop(key, None)
+        if self.store.journal is not None:
+            self.store.changes.append(("del", space.name, key))
         return True
-
-    def attempt(self, op: str, args: tuple[Any, ...]) -> Any:
-        """Run one operation as one atomic step, or raise :exc:`WouldBlock`."""
-        method = OPERATIONS.get(op)
-        if method is None:
-            raise ValueError(f"unknown operation {op!r}")
-        with self.store.cond:
-            return method(self, *args)
 
     def call(self, op: str, args: tuple[Any, ...]) -> Any:
         """Run one operation as one atomic step, waiting (in this thread) where it must."""
@@ -208,7 +254,8 @@ class Session:
         if method is None:
             raise ValueError(f"unknown operation {op!r}")
         deadline = None
-        with self.store.cond:
+        store = self.store
+        with store.cond:
             while True:
                 try:
                     return method(self, *args)
@@ -218,7 +265,12 @@ class Session:
                         deadline = now + blocked.timeout
                     if now >= deadline:
                         raise blocked.timed_out() from None
-                    self.store.cond.wait(deadline - now)
+                    store.cond.wait(deadline - now)
+                finally:
+                    if store.changes:
+                        # On disk (in the OS's hands, or synced) before the reply goes out.
+                        changes, store.changes = store.changes, []
+                        store.journal.append(changes)  # type: ignore[union-attr]
 
     # -- the operations ------------------------------------------------------
 
@@ -338,6 +390,8 @@ class Session:
         self._writable(list(self.space.data))
         self.space.data.clear()
         self.space.deadlines.clear()
+        if self.store.journal is not None:
+            self.store.changes.append(("clear", self.space.name))
 
     def apply_defaults(self, items: list[tuple[str, Value]]) -> None:
         """Set each default key that this namespace has never had set as a default."""
@@ -348,6 +402,8 @@ class Session:
         self._writable([k for k, _ in fresh])
         for key, value in fresh:
             applied.add(key)
+            if self.store.journal is not None:
+                self.store.changes.append(("default", self.space.name, key))
             if not self._alive(key):
                 self._store(_check_key(key), _check_value(key, value), None)
 
