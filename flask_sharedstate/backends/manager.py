@@ -23,6 +23,7 @@ What it promises, and how:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import multiprocessing
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -193,6 +195,8 @@ class ManagerBackend(Backend):
         self._key_lock = threading.Lock()
         #: set by ensure_server: the owner of a server this process starts
         self._owner: int | None = None
+        #: False for the CLI, which works on a running server and never starts one
+        self.may_start = True
 
     # -- the interface ---------------------------------------------------------
 
@@ -411,9 +415,51 @@ class ManagerBackend(Backend):
             raise
 
     def _elect(self, key: bytes, deadline: float) -> _Link:
-        """Under the address's flock: connect if someone won, else start a server."""
-        lock_path = self.settings.run_base + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Under the election lock: connect if someone won, else start a server."""
+        with self.election(deadline):
+            try:
+                return self._open(key, deadline)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if not self.may_start:
+                    raise SharedStateUnavailable(
+                        f"no state server is running at {self.address}. Start the app (its"
+                        " first use starts one) or run 'flask sharedstate serve'."
+                    ) from None
+            self._start_server(key, deadline)
+            return self._open(key, deadline)
+
+    def server_arguments(self, owner: int | None) -> list[str]:
+        """The command-line arguments of ``python -m flask_sharedstate.server`` for this app."""
+        settings = self.settings
+        if settings.tcp is None:
+            arguments = ["--unix", settings.socket_path]
+        else:
+            host, port = settings.tcp
+            arguments = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        if owner is not None:
+            arguments += [
+                "--owner-pid",
+                str(owner),
+                "--owner-start",
+                str(process_start_time(owner)),
+            ]
+        arguments += ["--pid-file", settings.run_base + ".pid"]
+        if settings.persist_path is not None:
+            arguments += ["--persist", settings.persist_path, "--fsync", settings.fsync]
+        return arguments
+
+    def remove_stale_socket(self) -> None:
+        """Remove the socket file of a dead server; call only while holding the election."""
+        if self.settings.tcp is None:
+            try:
+                os.unlink(self.settings.socket_path)
+            except FileNotFoundError:
+                pass
+
+    @contextlib.contextmanager
+    def election(self, deadline: float) -> Iterator[None]:
+        """Hold the address's election lock (an flock, dropped by the kernel if we die)."""
+        fd = os.open(self.settings.run_base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             while True:
                 try:
@@ -426,43 +472,17 @@ class ManagerBackend(Backend):
                             f" {self.address} for longer than SHAREDSTATE_TIMEOUT"
                         ) from None
                     time.sleep(0.005)
-            try:
-                return self._open(key, deadline)
-            except (FileNotFoundError, ConnectionRefusedError):
-                pass
-            self._start_server(key, deadline)
-            return self._open(key, deadline)
+            yield
         finally:
             os.close(fd)  # releases the flock
 
     def _start_server(self, key: bytes, deadline: float) -> None:
         settings = self.settings
-        if settings.tcp is None:
-            # Nobody listens (we hold the election lock): the file is a dead server's.
-            try:
-                os.unlink(settings.socket_path)
-            except FileNotFoundError:
-                pass
-            where = ["--unix", settings.socket_path]
-        else:
-            host, port = settings.tcp
-            where = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        # Nobody listens (we hold the election lock): the file is a dead server's.
+        self.remove_stale_socket()
         owner = self._owner or owner_process()
-        command = [
-            python_executable(),
-            "-m",
-            "flask_sharedstate.server",
-            *where,
-            "--owner-pid",
-            str(owner),
-            "--owner-start",
-            str(process_start_time(owner)),
-            "--pid-file",
-            settings.run_base + ".pid",
-            "--detach",
-        ]
-        if settings.persist_path is not None:
-            command += ["--persist", settings.persist_path, "--fsync", settings.fsync]
+        command = [python_executable(), "-m", "flask_sharedstate.server"]
+        command += [*self.server_arguments(owner), "--detach"]
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

@@ -11,17 +11,21 @@ child but init's: its starter can exit, or be killed, without taking it along.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from .persistence import Journal, PersistenceError
 from .process import StateServer, install_signal_handlers
 from .store import Store
 
+log = logging.getLogger("flask_sharedstate.server")
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flask_sharedstate.server")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", metavar="PATH", help="listen on this unix socket")
@@ -57,19 +61,22 @@ def _bind(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s"))
+    logging.getLogger("flask_sharedstate").addHandler(handler)
+    logging.getLogger("flask_sharedstate").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse(argv)
     ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
 
     def say(line: str) -> None:
         ready.write(line + "\n")
         ready.flush()
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(message)s"))
-    logging.getLogger("flask_sharedstate").addHandler(handler)
-    logging.getLogger("flask_sharedstate").setLevel(logging.INFO)
-
+    log_to_stderr()
     key = sys.stdin.buffer.read()
     if not key:
         say("error no key on standard input")
@@ -79,6 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
 
+    def ready_and_close() -> None:
+        say(f"ready {os.getpid()}")
+        if ready is not sys.stdout:
+            ready.close()
+
+    return serve(args, key, say, ready_and_close)
+
+
+def serve(
+    args: argparse.Namespace,
+    key: bytes,
+    say: Callable[[str], None],
+    on_ready: Callable[[], None],
+) -> int:
+    """Restore, bind, (detach,) and serve until stopped. Also ``flask sharedstate serve``."""
     store = Store()
     if args.persist:
         journal = Journal(args.persist, args.fsync)
@@ -91,15 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"error cannot restore from {args.persist}: {type(exc).__name__}: {exc}")
             return 2
         store.journal = journal
-        logging.getLogger("flask_sharedstate.server").info(
-            "restored %d keys from %s (fsync %s)", keys, args.persist, args.fsync
-        )
+        log.info("restored %d keys from %s (fsync %s)", keys, args.persist, args.fsync)
 
     try:
         listener = _bind(args)
     except OSError as exc:
-        import errno
-
         if exc.errno == errno.EADDRINUSE:
             say("in-use")
             return 3
@@ -118,12 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         store=store,
     )
     install_signal_handlers(server)
-    logging.getLogger("flask_sharedstate.server").info(
-        "serving on %s (owner %s)", args.unix or args.tcp, args.owner_pid
-    )
-    say(f"ready {os.getpid()}")
-    if ready is not sys.stdout:
-        ready.close()
+    log.info("serving on %s (owner %s)", args.unix or args.tcp, args.owner_pid)
+    on_ready()
     server.serve_forever()
     return 0
 
