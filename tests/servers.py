@@ -120,15 +120,34 @@ class Server:
             return f.read()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for it; its workers go too, even after SIGKILL
+        (which would leave them orphaned for up to half gunicorn's --timeout)."""
+        workers = self.children()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
         finally:
             self.stopped = True
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        for pid in workers:
+            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), 10)
+        return code
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
 
 
 def free_port() -> int:
