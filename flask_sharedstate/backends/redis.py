@@ -8,10 +8,11 @@ Layout of a namespace ``ns`` (the ``{ns}`` hash tag keeps it in one cluster slot
   pickle (which always starts with byte ``0x80``). Time to live is Redis's.
 * ``{ns}:lock:NAME``: a lock, holding its owner's token, with a lease (``PX``)
   so that a dead holder's lock expires; released only by its own token.
-* ``{ns}:txn`` and ``{ns}:claims``: the namespace's atomic block (its owner's
-  token, with the lease) and the keys it has read. Every single-step write is
-  a Lua script that first checks the claims, exactly as the state server's
-  store does, so writes to a claimed key wait and nothing is lost.
+* ``{ns}:txn``: the namespace's atomic block, a hash of its ``owner`` token and
+  a ``c:KEY`` field for each key it has read (claimed), expiring with the
+  lease. Every single-step write is a Lua script that first checks the claims,
+  exactly as the state server's store does, so writes to a claimed key wait
+  and nothing is lost.
 
 A *session* is a token per thread and process, as a connection is for the
 state server. Nothing here imports the extension; ``redis`` is imported only
@@ -30,108 +31,109 @@ from ..errors import ConfigError, LockTimeout, SharedStateUnavailable
 from .base import Backend, Packed
 
 _BLOCKED_CHECK = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = FIRST, #KEYS do
-    if redis.call('SISMEMBER', KEYS[2], KEYS[i]) == 1 then return {'blocked'} end
+    if redis.call('HEXISTS', KEYS[1], 'c:' .. KEYS[i]) == 1 then return {'blocked'} end
   end
 end
 """
 
 
-def _script(body: str, first: int = 3) -> str:
+def _script(body: str, first: int = 2) -> str:
+    """A single-step write: first answer 'blocked' if an open atomic block claims a key."""
     return _BLOCKED_CHECK.replace("FIRST", str(first)) + body
 
 
+#: KEYS[1] is always the namespace's atomic block: a hash of its 'owner' token and a
+#: 'c:KEY' field for each key it has claimed, expiring with the lease.
 SCRIPTS = {
-    # KEYS: txn, claims, key...; ARGV: token, ttl ms or '', value...
+    # KEYS: txn, key...; ARGV: ttl ms or '', value...
     "set": _script("""
-for i = 3, #KEYS do
-  if ARGV[2] == '' then redis.call('SET', KEYS[i], ARGV[i])
-  else redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[2]) end
+for i = 2, #KEYS do
+  if ARGV[1] == '' then redis.call('SET', KEYS[i], ARGV[i])
+  else redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[1]) end
 end
 return {'ok'}
 """),
-    # KEYS: txn, claims, key; ARGV: token
+    # KEYS: txn, key
     "pop": _script("""
-local v = redis.call('GET', KEYS[3])
-if v then redis.call('DEL', KEYS[3]) end
+local v = redis.call('GET', KEYS[2])
+if v then redis.call('DEL', KEYS[2]) end
 return {'ok', v}
 """),
-    # KEYS: txn, claims, key; ARGV: token, value, ttl ms or ''
+    # KEYS: txn, key; ARGV: value, ttl ms or ''
     "setdefault": _script("""
-local v = redis.call('GET', KEYS[3])
+local v = redis.call('GET', KEYS[2])
 if v then return {'ok', v} end
-if ARGV[3] == '' then redis.call('SET', KEYS[3], ARGV[2])
-else redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3]) end
-return {'ok', ARGV[2]}
+if ARGV[2] == '' then redis.call('SET', KEYS[2], ARGV[1])
+else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return {'ok', ARGV[1]}
 """),
-    # KEYS: txn, claims, key; ARGV: token, delta, '1' if delta is a float, ttl ms or ''
+    # KEYS: txn, key; ARGV: delta (as encode() writes it), ttl ms or ''
     "incr": _script("""
-if ARGV[4] ~= '' then redis.call('SET', KEYS[3], '0', 'NX', 'PX', ARGV[4]) end
-if ARGV[3] == '0' then
-  local r = redis.pcall('INCRBY', KEYS[3], ARGV[2])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
+if not string.find(ARGV[1], '[%.eEn]') then
+  local r = redis.pcall('INCRBY', KEYS[2], ARGV[1])
   if type(r) == 'number' then
     -- Lua numbers are doubles: past 2^53 return Redis's exact text instead.
     if r < 9007199254740992 and r > -9007199254740992 then return {'ok', r} end
-    return {'ok', redis.call('GET', KEYS[3])}
+    return {'ok', redis.call('GET', KEYS[2])}
   end
 end
-local v = redis.call('GET', KEYS[3])
+local v = redis.call('GET', KEYS[2])
 if not v then
-  redis.call('SET', KEYS[3], ARGV[2])
-  return {'ok', ARGV[2]}
+  redis.call('SET', KEYS[2], ARGV[1])
+  return {'ok', ARGV[1]}
 end
 if string.byte(v, 1) == 128 or not string.find(v, '^[-+]?[%d.]') then return {'TypeError'} end
-local r = redis.pcall('INCRBYFLOAT', KEYS[3], ARGV[2])
+local r = redis.pcall('INCRBYFLOAT', KEYS[2], ARGV[1])
 if type(r) == 'table' then return {'TypeError'} end
 if not string.find(r, '[%.eEn]') then
   r = r .. '.0'
-  redis.call('SET', KEYS[3], r, 'KEEPTTL')
+  redis.call('SET', KEYS[2], r, 'KEEPTTL')
 end
 return {'ok', r}
 """),
-    # KEYS: txn, claims, key; ARGV: token, expected, new
+    # KEYS: txn, key; ARGV: expected, new
     "compare_and_set": _script("""
-local v = redis.call('GET', KEYS[3])
+local v = redis.call('GET', KEYS[2])
 if not v then return {'ok', 0} end
-local same = v == ARGV[2]
-if not same and string.byte(v, 1) ~= 128 and string.byte(ARGV[2], 1) ~= 128 then
-  same = tonumber(v) ~= nil and tonumber(v) == tonumber(ARGV[2])
+local same = v == ARGV[1]
+if not same and string.byte(v, 1) ~= 128 and string.byte(ARGV[1], 1) ~= 128 then
+  same = tonumber(v) ~= nil and tonumber(v) == tonumber(ARGV[1])
 end
 if not same then return {'ok', 0} end
-redis.call('SET', KEYS[3], ARGV[3], 'KEEPTTL')
+redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
 return {'ok', 1}
 """),
-    # KEYS: txn, claims, key; ARGV: token, ttl ms or ''
+    # KEYS: txn, key; ARGV: ttl ms or ''
     "expire": _script("""
-if redis.call('EXISTS', KEYS[3]) == 0 then return {'ok', 0} end
-if ARGV[2] == '' then redis.call('PERSIST', KEYS[3])
-else redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'ok', 0} end
+if ARGV[1] == '' then redis.call('PERSIST', KEYS[2])
+else redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
 return {'ok', 1}
 """),
-    # KEYS: txn, claims, key...; ARGV: token
+    # KEYS: txn, key...
     "delete": _script("""
 local n = 0
-for i = 3, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
+for i = 2, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
 return {'ok', n}
 """),
-    # KEYS: txn, claims, applied, key...; ARGV: token, name..., value...
+    # KEYS: txn, applied, key...; ARGV: name..., value...
     "apply_defaults": """
-local owner = redis.call('GET', KEYS[1])
-local n = #KEYS - 3
+local n = #KEYS - 2
 local fresh = {}
 for i = 1, n do
-  if redis.call('SISMEMBER', KEYS[3], ARGV[1 + i]) == 0 then fresh[#fresh + 1] = i end
+  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then fresh[#fresh + 1] = i end
 end
-if owner and owner ~= ARGV[1] then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, i in ipairs(fresh) do
-    if redis.call('SISMEMBER', KEYS[2], KEYS[3 + i]) == 1 then return {'blocked'} end
+    if redis.call('HEXISTS', KEYS[1], 'c:' .. KEYS[2 + i]) == 1 then return {'blocked'} end
   end
 end
 for _, i in ipairs(fresh) do
-  redis.call('SADD', KEYS[3], ARGV[1 + i])
-  redis.call('SET', KEYS[3 + i], ARGV[1 + n + i], 'NX')
+  redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('SET', KEYS[2 + i], ARGV[n + i], 'NX')
 end
 return {'ok'}
 """,
@@ -149,40 +151,42 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'notheld'} end
 redis.call('DEL', KEYS[1])
 return {'ok'}
 """,
-    # KEYS: txn, claims, key...; ARGV: token, lease ms, session id or ''
+    # KEYS: txn, key...; ARGV: token, lease ms, session id or ''
     "txn_read": """
-local owner = redis.call('GET', KEYS[1])
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[3] ~= '' and owner ~= ARGV[3] then return {'lost'} end
 if owner and owner ~= ARGV[1] then return {'blocked'} end
-if not owner then redis.call('DEL', KEYS[2]) end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if not owner then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local out = {'ok'}
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[2], KEYS[i])
+for i = 2, #KEYS do
+  redis.call('HSET', KEYS[1], 'c:' .. KEYS[i], '1')
   out[#out + 1] = redis.call('GET', KEYS[i]) or ''
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return out
 """,
-    # KEYS: txn, claims, key...; ARGV: token, session id or '', (value or '', ttl)...
+    # KEYS: txn, key...; ARGV: token, session id or '', (value or '', ttl)...
     "txn_commit": """
-local owner = redis.call('GET', KEYS[1])
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[2] ~= '' and owner ~= ARGV[2] then return {'lost'} end
 if owner and owner ~= ARGV[1] then return {'blocked'} end
-for i = 3, #KEYS do
-  local v = ARGV[2 * i - 3]
-  local t = ARGV[2 * i - 2]
+for i = 2, #KEYS do
+  local v = ARGV[2 * i - 1]
+  local t = ARGV[2 * i]
   if v == '' then redis.call('DEL', KEYS[i])
   elseif t == 'keep' then redis.call('SET', KEYS[i], v, 'KEEPTTL')
   elseif t == '' then redis.call('SET', KEYS[i], v)
   else redis.call('SET', KEYS[i], v, 'PX', t) end
 end
-if owner == ARGV[1] then redis.call('DEL', KEYS[1], KEYS[2]) end
+if owner == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'ok'}
 """,
-    # KEYS: txn, claims; ARGV: token
+    # KEYS: txn; ARGV: token
     "txn_abort": """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1], KEYS[2]) end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'ok'}
 """,
 }
@@ -262,7 +266,6 @@ class RedisBackend(Backend):
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"
         self._txn = tag + "txn"
-        self._claims = tag + "claims"
         self._applied = tag + "defaults"
         self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
         self._local = threading.local()
@@ -351,7 +354,7 @@ class RedisBackend(Backend):
             pause = min(pause * 2, 0.05)
 
     def _write(self, name: str, keys: list[str], *args: Any) -> Any:
-        reply = self._run(name, [self._txn, self._claims, *keys], [self._token(), *args])
+        reply = self._run(name, [self._txn, *keys], list(args))
         if reply[0] == b"TypeError":
             raise TypeError(
                 f"cannot incr key {keys[0][len(self._prefix) :]!r}: not an int or float"
@@ -395,8 +398,7 @@ class RedisBackend(Backend):
         return decode(self._write("setdefault", [self._key(key)], encode(value), _ms(ttl))[1])
 
     def op_incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> Packed | None:
-        is_float = "1" if type(delta) is float else "0"
-        reply = self._write("incr", [self._key(key)], encode(delta), is_float, _ms(ttl))
+        reply = self._write("incr", [self._key(key)], encode(delta), _ms(ttl))
         return decode(reply[1])
 
     def op_compare_and_set(self, key: str, expected: Packed, new: Packed) -> bool:
@@ -429,8 +431,8 @@ class RedisBackend(Backend):
             self._write("delete", [self._key(k) for k in keys[start : start + 500]])
 
     def op_apply_defaults(self, items: list[tuple[str, Packed]]) -> None:
-        keys = [self._txn, self._claims, self._applied, *[self._key(k) for k, _ in items]]
-        args = [self._token(), *[k for k, _ in items], *[encode(v) for _, v in items]]
+        keys = [self._txn, self._applied, *[self._key(k) for k, _ in items]]
+        args = [*[k for k, _ in items], *[encode(v) for _, v in items]]
         self._run("apply_defaults", keys, args)
 
     def op_acquire(self, name: str, timeout: float) -> bool:
@@ -474,7 +476,7 @@ class RedisBackend(Backend):
         data_keys = [self._key(k) for k in keys]
         reply = self._run(
             "txn_read",
-            [self._txn, self._claims, *data_keys],
+            [self._txn, *data_keys],
             [token, self._lease_ms, session_id or ""],
             timeout,
         )
@@ -492,13 +494,13 @@ class RedisBackend(Backend):
         for _, value, ttl in writes:
             args.append(b"" if value is None else encode(value))
             args.append("keep" if ttl == "keep" else _ms(ttl))
-        keys = [self._txn, self._claims, *[self._key(k) for k, _, _ in writes]]
+        keys = [self._txn, *[self._key(k) for k, _, _ in writes]]
         reply = self._run("txn_commit", keys, args, timeout)
         if reply[0] == b"lost":
             raise _lost()
 
     def op_txn_abort(self) -> None:
-        self._eval("txn_abort", [self._txn, self._claims], [self._token()])
+        self._eval("txn_abort", [self._txn], [self._token()])
 
     def op_ping(self) -> str:
         self.client.ping()
