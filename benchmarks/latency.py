@@ -19,7 +19,6 @@ operations, in microseconds. Run::
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ from multiprocessing import Process
 from multiprocessing.connection import Client, Listener
 from multiprocessing.managers import AcquirerProxy, BaseManager, DictProxy
 
+import timing
 from flask import Flask
 
 from flask_sharedstate import SharedState
@@ -79,17 +79,8 @@ def _pin(pid: int, cpu: int) -> None:
             pass
 
 
-def _time(op: Callable[[], object], ops: int) -> float:
-    start = time.perf_counter()
-    for _ in range(ops):
-        op()
-    return (time.perf_counter() - start) / ops * 1e6
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = timing.parser(__doc__ or "")
     parser.add_argument("--placement", choices=("split", "same"), default="split")
     args = parser.parse_args()
     server_cpu = 1 if args.placement == "split" else 0
@@ -152,10 +143,10 @@ def main() -> int:
         }
         results: dict[str, list[float]] = {name: [] for name in cases}
         for op in cases.values():  # warm up
-            _time(op, min(args.ops, 1000))
+            timing.microseconds_per_op(op, min(args.ops, 1000))
         for _ in range(args.rounds):
             for name, op in cases.items():
-                results[name].append(_time(op, args.ops))
+                results[name].append(timing.microseconds_per_op(op, args.ops))
 
         median = {name: statistics.median(v) for name, v in results.items()}
         floor_us = median["floor round trip"]

@@ -11,7 +11,6 @@ of ``--ops`` operations, in microseconds. Run::
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import socket
 import statistics
@@ -22,22 +21,14 @@ import time
 from collections.abc import Callable
 
 import redis
+import timing
 from flask import Flask
 
 from flask_sharedstate import SharedState
 
 
-def _time(op: Callable[[], object], ops: int) -> float:
-    start = time.perf_counter()
-    for _ in range(ops):
-        op()
-    return (time.perf_counter() - start) / ops * 1e6
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = timing.parser(__doc__ or "")
     args = parser.parse_args()
     server = shutil.which("redis-server")
     if server is None:
@@ -78,10 +69,10 @@ def main() -> int:
         }
         results: dict[str, list[float]] = {name: [] for name in cases}
         for op in cases.values():
-            _time(op, min(args.ops, 1000))
+            timing.microseconds_per_op(op, min(args.ops, 1000))
         for _ in range(args.rounds):
             for name, op in cases.items():
-                results[name].append(_time(op, args.ops))
+                results[name].append(timing.microseconds_per_op(op, args.ops))
         median = {name: statistics.median(v) for name, v in results.items()}
         print(f"{args.rounds} rounds of {args.ops} operations, one client, redis-server {port}")
         print(f"{'case':24} {'µs/op':>8} {'x redis-py':>11}")

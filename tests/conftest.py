@@ -117,16 +117,15 @@ def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config
 _redis: dict[str, str] = {"url": ""}
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, for the whole session."""
+def start_redis(port: int, folder: str) -> Any:
+    """Start a real redis-server on ``port`` (loopback, no persistence); wait until it answers."""
     import subprocess
+
+    import redis
 
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError("the redis tests need redis-server: apt-get install redis-server")
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
     proc = subprocess.Popen(
         [
             server,
@@ -139,29 +138,56 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--appendonly",
             "no",
             "--dir",
-            str(folder),
+            folder,
             "--logfile",
-            str(folder / "redis.log"),
+            os.path.join(folder, f"redis-{port}.log"),
         ],
         stdout=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis(port=port)
     try:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        wait_for(lambda: _pings(client), timeout=20)
-        client.close()
-        _redis["url"] = url
-        yield url
+        wait_for(lambda: _pings(client) or proc.poll() is not None, timeout=20)
     finally:
-        _redis["url"] = ""
+        client.close()
+    if proc.poll() is not None:
+        raise RuntimeError(f"redis-server exited at start: see {folder}/redis-{port}.log")
+    return proc
+
+
+def stop_process(proc: Any) -> None:
+    """Stop a process we started, by its pid: SIGTERM, then SIGKILL."""
+    import subprocess
+
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    port = free_port()
+    proc = start_redis(port, str(tmp_path_factory.mktemp("redis")))
+    _redis["url"] = f"redis://127.0.0.1:{port}/0"
+    try:
+        yield _redis["url"]
+    finally:
+        _redis["url"] = ""
+        stop_process(proc)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """WSGI servers a test starts (tests/servers.py); stopped by pid whatever happens."""
+    started: list[Any] = []
+    yield started
+    for server in started:
+        if not server.stopped:
+            server.stop(signal.SIGKILL)
 
 
 def _pings(client: Any) -> bool:

@@ -10,6 +10,12 @@ from flask import request
 app = create_app()
 
 
+@app.get("/alive")
+def alive() -> str:
+    """Readiness without touching the state, so a test can start its workers cold."""
+    return "ok"
+
+
 @app.post("/record/<rid>")
 def record(rid: str) -> str:
     """Count a request id once: its key and the counter change together, or not at all."""

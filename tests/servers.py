@@ -107,6 +107,17 @@ class Server:
                 during()
             return [f.result(timeout=300) for f in futures]
 
+    def workers_answering(self, want: int, batches: int = 20) -> set[int]:
+        """The pids of workers seen answering /stats, sending concurrent batches until
+        ``want`` distinct ones answered (one fast worker may take a whole batch)."""
+        seen: set[int] = set()
+        for _ in range(batches):
+            responses = self.load([("GET", "/stats", None)] * 32, concurrency=16)
+            seen |= {r.json()["worker"] for r in responses if r.status == 200}
+            if len(seen) >= want:
+                break
+        return seen
+
     def children(self) -> list[int]:
         """The pids of the server's direct children (gunicorn's workers)."""
         try:
@@ -173,7 +184,7 @@ def _start(
     def ready() -> bool:
         if proc.poll() is not None:
             return True
-        return server.get("/stats", timeout=2).status == 200
+        return server.get("/alive", timeout=2).status == 200
 
     try:
         wait_for(ready, timeout=60, interval=0.05)

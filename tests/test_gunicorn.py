@@ -11,7 +11,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,16 +18,6 @@ from conftest import pid_alive, server_pids, wait_for
 from servers import ROOT, Server, start_gunicorn
 
 CONF = os.path.join(ROOT, "example_app", "gunicorn.conf.py")
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """Servers a test starts; stopped (by pid) at the end whatever happens."""
-    started: list[Server] = []
-    yield started
-    for server in started:
-        if not server.stopped:
-            server.stop(signal.SIGKILL)
 
 
 def gunicorn(servers: list[Server], run_dir: str, *args: str, **kwargs: object) -> Server:
@@ -60,8 +49,7 @@ def test_exact_counts_and_cart(servers: list[Server], run_dir: str) -> None:
     assert hits(server) == 5000
     cart = server.get("/cart").json()["cart"]
     assert sorted(cart) == sorted(items)
-    workers = {server.get("/stats").json()["worker"] for _ in range(40)}
-    assert len(workers) > 1
+    assert len(server.workers_answering(2)) >= 2  # the load was spread over workers
 
 
 def test_worker_recycling(servers: list[Server], run_dir: str) -> None:
@@ -222,9 +210,10 @@ def test_startup_stampede(servers: list[Server], run_dir: str) -> None:
     """-w 16, cold: the first requests hit all workers at once; one server, no error."""
     server = gunicorn(servers, run_dir, "-w", "16", "--timeout", "60")
     wait_for(lambda: len(server.children()) == 16, timeout=60)
+    assert server_pids(run_dir) == []  # cold: no worker has used the state yet
     responses = server.load([("GET", "/stats", None)] * 64, concurrency=64)
     assert statuses(responses) == {200: 64}
-    assert len({r.json()["worker"] for r in responses}) > 4
+    assert len({r.json()["worker"] for r in responses}) >= 4  # many first uses at once
     assert len(server_pids(run_dir)) == 1
 
 
@@ -234,9 +223,14 @@ def test_flags_are_seen_by_every_worker(servers: list[Server], run_dir: str) -> 
     before = server.load([("GET", "/hello", None)] * 40, concurrency=8)
     assert all(r.body.startswith(b"hello") for r in before)
     assert server.request("PUT", "/flags/shout", True).json() == {"shout": True}
-    after = server.load([("GET", "/hello", None)] * 40, concurrency=8)
-    assert all(r.body.startswith(b"HELLO") for r in after)
-    assert len({r.body for r in after}) > 1  # answered by several workers
+    answers: set[bytes] = set()
+    for _ in range(20):  # until several workers have answered (one may take a whole batch)
+        after = server.load([("GET", "/hello", None)] * 40, concurrency=16)
+        assert all(r.body.startswith(b"HELLO") for r in after)
+        answers |= {r.body for r in after}
+        if len(answers) >= 3:
+            break
+    assert len(answers) >= 3
 
 
 def test_rate_limit_across_workers(servers: list[Server], run_dir: str) -> None:

@@ -7,9 +7,7 @@ The conformance suite (test_conformance.py) and the process races
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -17,17 +15,8 @@ import redis as redis_client
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 
-from conftest import free_port, make_app, wait_for
+from conftest import free_port, make_app, start_redis, stop_process, wait_for
 from servers import Server, start_gunicorn
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        if not server.stopped:
-            server.stop(signal.SIGKILL)
 
 
 def redis_env(url: str, namespace: str) -> dict[str, str]:
@@ -74,26 +63,7 @@ def own_redis(tmp_path: object) -> Iterator[dict[str, object]]:
     state: dict[str, object] = {"port": port, "url": f"redis://127.0.0.1:{port}/0"}
 
     def start() -> None:
-        proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        state["proc"] = proc
-        client = redis_client.Redis(port=port)
-        try:
-            wait_for(lambda: _ping(client), timeout=20)
-        finally:
-            client.close()
+        state["proc"] = start_redis(port, str(tmp_path))
 
     def stop() -> None:
         proc = state["proc"]
@@ -103,16 +73,7 @@ def own_redis(tmp_path: object) -> Iterator[dict[str, object]]:
     state["start"], state["stop"] = start, stop
     start()
     yield state
-    proc = state["proc"]
-    if proc.poll() is None:  # type: ignore[attr-defined]
-        stop()
-
-
-def _ping(client: redis_client.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis_client.RedisError:
-        return False
+    stop_process(state["proc"])
 
 
 def test_redis_outage_fails_fast_then_recovers(
