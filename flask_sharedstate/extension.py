@@ -19,7 +19,7 @@ from flask import Flask, current_app, has_app_context
 from .atomic import Transaction
 from .backends.base import Backend, check_key, pack
 from .config import Settings, load_settings
-from .errors import LockTimeout
+from .errors import LockTimeout, SharedStateError
 from .operations import MISSING, Direct, Operations
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -273,8 +273,13 @@ class _Atomic:
         state.transaction.reset(token)
         if exc_type is None:
             txn.commit()
-        else:
+            return
+        try:
             txn.abort()
+        except SharedStateError:
+            # Nothing of the block was sent, and a lost connection drops its claims
+            # anyway: let the block's own exception be the one the caller sees.
+            pass
 
 
 class SharedDict(MutableMapping[str, Any]):

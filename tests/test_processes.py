@@ -301,3 +301,24 @@ def test_server_stops_with_its_owner(run_dir: str, socket_path: str) -> None:
         if owner.stdout is not None:
             owner.stdout.close()
         kill_servers(run_dir)
+
+
+def test_block_exception_survives_a_lost_server(run_dir: str) -> None:
+    """An atomic block that raises while the server cannot be reached raises its own
+    exception, not the failed abort's; nothing of it is written."""
+    socket_path = os.path.join(run_dir, "app.sock")
+    shared = workers.make_shared(socket_path, timeout=1.0)
+    shared.set("k", 1)
+    pid = workers.server_pid(shared)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with shared.atomic():
+                shared.dict["k"] = shared.dict["k"] + 1
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: not pid_alive(pid), timeout=10)
+                os.unlink(socket_path)
+                os.mkdir(socket_path)  # no new server can listen there now
+                raise ZeroDivisionError
+    finally:
+        os.rmdir(socket_path)
+        shared.state().backend.close()
