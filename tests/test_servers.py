@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
-import sys
 
 import pytest
 
@@ -36,10 +34,6 @@ def test_flask_run(servers: list[Server], run_dir: str, reloader: bool) -> None:
     wait_for(lambda: not pid_alive(state_server), timeout=5)
 
 
-@pytest.mark.skipif(
-    shutil.which("uwsgi", path=sys.exec_prefix + "/bin") is None,
-    reason="uWSGI is not installed (pip install uwsgi builds it from source)",
-)
 def test_uwsgi_master_and_4_processes(servers: list[Server], run_dir: str) -> None:
     """uWSGI with --master --processes 4: exact counts, one server, gone with uWSGI."""
     server = start_uwsgi(run_dir, "--processes", "4")
