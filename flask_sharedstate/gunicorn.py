@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 import traceback
 from typing import Any
@@ -101,4 +100,4 @@ def on_exit(server: Any) -> None:
     while process_start_time(pid) == start_time and time.monotonic() < deadline:
         time.sleep(0.02)
     if process_start_time(pid) == start_time:
-        print(f"flask_sharedstate: state server {pid} did not stop in time", file=sys.stderr)
+        server.log.warning("flask_sharedstate: state server %d did not stop in time", pid)
