@@ -501,3 +501,11 @@ def test_incr_with_ttl_sets_it_only_on_creation(shared: SharedState) -> None:
         assert shared.incr("in_block", ttl=30) == 1
     remaining = shared.ttl("in_block")
     assert remaining is not None and 29 < remaining <= 30
+
+
+def test_float_incr_rounds_as_python_does(shared: SharedState) -> None:
+    """Float increments give exactly what Python's float addition gives."""
+    for start, delta in ((2.0**53, 0.5), (0.1, 0.2), (1e300, 1e300), (7, 0.1), (-2.5, 2.5)):
+        shared.set("f", start)
+        assert shared.incr("f", delta) == start + delta
+        assert shared.get("f") == start + delta and type(shared.get("f")) is float

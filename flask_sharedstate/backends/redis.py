@@ -2,9 +2,10 @@
 
 Layout of a namespace ``ns`` (the ``{ns}`` hash tag keeps it in one cluster slot):
 
-* ``{ns}:k:KEY``: a value. ``int`` as decimal text (so ``INCRBY`` works on it),
-  ``float`` as text that always has a ``.``, ``e`` or ``n`` in it (so
-  ``INCRBYFLOAT`` works, and it reads back as a float), anything else as a
+* ``{ns}:k:KEY``: a value. ``int`` as decimal text (``incr`` is ``INCRBY``, so
+  64-bit), ``float`` as text that always has a ``.``, ``e`` or ``n`` in it (it
+  reads back as a float; ``incr`` adds in Lua's doubles, as Python does, where
+  ``INCRBYFLOAT``'s long doubles would round differently), anything else as a
   pickle (which always starts with byte ``0x80``). Time to live is Redis's.
 * ``{ns}:lock:NAME``: a lock, holding its owner's token, with a lease (``PX``)
   so that a dead holder's lock expires; released only by its own token.
@@ -85,13 +86,17 @@ if not v then
   redis.call('SET', KEYS[2], ARGV[1])
   return {'ok', ARGV[1]}
 end
-if string.byte(v, 1) == 128 or not string.find(v, '^[-+]?[%d.]') then return {'TypeError'} end
-local r = redis.pcall('INCRBYFLOAT', KEYS[2], ARGV[1])
-if type(r) == 'table' then return {'TypeError'} end
-if not string.find(r, '[%.eEn]') then
-  r = r .. '.0'
-  redis.call('SET', KEYS[2], r, 'KEEPTTL')
+local current = string.byte(v, 1) ~= 128 and tonumber(v)
+if not current then return {'TypeError'} end
+if not string.find(ARGV[1], '[%.eEn]') and not string.find(v, '[%.eEn]') then
+  return {'ValueError'}  -- both integers, yet INCRBY failed: past 64 bits
 end
+-- Float arithmetic in Lua's doubles, as Python does it (INCRBYFLOAT's long
+-- doubles round differently), written with enough digits to read back exactly;
+-- the text stays one that INCRBYFLOAT and other clients understand.
+local r = string.format('%.17g', current + tonumber(ARGV[1]))
+if not string.find(r, '[%.eEn]') then r = r .. '.0' end
+redis.call('SET', KEYS[2], r, 'KEEPTTL')
 return {'ok', r}
 """),
     # KEYS: txn, key; ARGV: expected, new
@@ -358,6 +363,11 @@ class RedisBackend(Backend):
         if reply[0] == b"TypeError":
             raise TypeError(
                 f"cannot incr key {keys[0][len(self._prefix) :]!r}: not an int or float"
+            )
+        if reply[0] == b"ValueError":
+            raise ValueError(
+                f"cannot incr key {keys[0][len(self._prefix) :]!r}: Redis integers are 64-bit,"
+                " and the result would not fit"
             )
         return reply
 
