@@ -73,11 +73,10 @@ def _show(value: Any) -> str:
 def _json_safe(value: Any) -> bool:
     """Whether JSON holds ``value`` exactly (a tuple, set or int dict key would change)."""
     try:
-        return bool(json.loads(json.dumps(value, allow_nan=False)) == value) and _same_shape(
-            json.loads(json.dumps(value)), value
-        )
+        back = json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError):
         return False
+    return bool(back == value) and _same_shape(back, value)
 
 
 def _same_shape(a: Any, b: Any) -> bool:

@@ -36,7 +36,6 @@ import logging
 import os
 import pickle
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -156,7 +155,6 @@ class Journal:
         self.compactions = 0
         #: while a compaction runs: the records written meanwhile, for the new file
         self._pending: list[bytes] | None = None
-        self._lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------
 

@@ -38,9 +38,6 @@ HANDSHAKE_TIMEOUT = 5.0
 #: ``ttl`` argument of a commit entry: leave the key's expiry as it is.
 KEEP_TTL = "keep"
 
-#: Errors the server may report, by name; anything else becomes RuntimeError.
-ERROR_NAMES = ("KeyError", "TypeError", "ValueError", "RuntimeError", "LockTimeout")
-
 
 #: The length prefix of every message, as multiprocessing.connection writes it.
 HEADER = struct.Struct("!i")

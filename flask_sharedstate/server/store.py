@@ -76,6 +76,16 @@ class Namespace:
         #: default keys already set once, so a deleted default stays deleted
         self.applied_defaults: set[str] = set()
 
+    def drop_expired(self, now: float) -> int:
+        """Remove every key whose deadline has passed; return how many."""
+        if not self.deadlines:
+            return 0
+        expired = [k for k, d in self.deadlines.items() if d <= now]
+        for key in expired:
+            del self.deadlines[key]
+            del self.data[key]
+        return len(expired)
+
 
 class Store:
     """All namespaces of one state server (or of one process, for ``memory``)."""
@@ -148,14 +158,8 @@ class Store:
     def sweep(self) -> int:
         """Drop every expired key now; return how many. Called periodically."""
         now = self.clock()
-        dropped = 0
         with self.cond:
-            for space in self.namespaces.values():
-                for key in [k for k, d in space.deadlines.items() if d <= now]:
-                    del space.deadlines[key]
-                    del space.data[key]
-                    dropped += 1
-        return dropped
+            return sum(space.drop_expired(now) for space in self.namespaces.values())
 
 
 def _check_key(key: object) -> str:
@@ -206,12 +210,7 @@ class Session:
         return True
 
     def _purge(self) -> None:
-        space = self.space
-        if space.deadlines:
-            now = self.store.clock()
-            for key in [k for k, d in space.deadlines.items() if d <= now]:
-                del space.deadlines[key]
-                del space.data[key]
+        self.space.drop_expired(self.store.clock())
 
     def _wait(self, blocked: Callable[[], bool], timeout: float, what: str) -> None:
         if blocked():
