@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,28 @@ from flask_sharedstate import LockTimeout, SharedState
 class Unpicklable:
     def __reduce__(self):  # type: ignore[no-untyped-def]
         raise TypeError("no pickling here")
+
+
+@contextlib.contextmanager
+def held_elsewhere(
+    app: Any, holding: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Iterator[None]:
+    """While the body runs, another thread holds what ``holding()`` enters."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.app_context(), holding():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        yield
+    finally:
+        leave.set()
+        thread.join(10)
 
 
 # -- shared.dict ------------------------------------------------------------------
@@ -230,26 +254,12 @@ def test_release_unheld_lock(shared: SharedState) -> None:
 
 def test_lock_timeout(app, shared: SharedState) -> None:  # type: ignore[no-untyped-def]
     """A lock held elsewhere raises LockTimeout after the timeout, not later."""
-    holding = threading.Event()
-    done = threading.Event()
-
-    def hold() -> None:
-        with app.app_context(), shared.lock("busy"):
-            holding.set()
-            done.wait(10)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        holding.wait(10)
+    with held_elsewhere(app, lambda: shared.lock("busy")):
         assert shared.lock("busy").acquire(blocking=False) is False
         start = time.monotonic()
         with pytest.raises(LockTimeout, match="busy"):
             shared.lock("busy").acquire(timeout=0.3)
         assert time.monotonic() - start < 3
-    finally:
-        done.set()
-        thread.join(10)
     assert shared.lock("busy").acquire(timeout=1)
     shared.lock("busy").release()
 
@@ -390,25 +400,17 @@ def test_atomic_serialises_threads(app, shared: SharedState) -> None:  # type: i
 def test_atomic_timeout(app, shared: SharedState) -> None:  # type: ignore[no-untyped-def]
     """A block that cannot start within its timeout raises LockTimeout."""
     shared.dict["k"] = 0
-    inside = threading.Event()
-    leave = threading.Event()
 
-    def hold() -> None:
-        with app.app_context(), shared.atomic():
+    @contextlib.contextmanager
+    def block_that_read_k() -> Iterator[None]:
+        with shared.atomic():
             shared.dict["k"]
-            inside.set()
-            leave.wait(10)
+            yield
 
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        inside.wait(10)
+    with held_elsewhere(app, block_that_read_k):
         with pytest.raises(LockTimeout):
             with shared.atomic(timeout=0.2):
                 shared.dict["k"]
-    finally:
-        leave.set()
-        thread.join(10)
 
 
 def test_write_to_claimed_key_waits_for_the_block(app, shared: SharedState) -> None:  # type: ignore[no-untyped-def]
