@@ -46,15 +46,9 @@ from ..errors import (
     LockTimeout,
     SharedStateUnavailable,
 )
-from ..server import protocol
+from ..server import catalogue, protocol
 from ..server.process import process_start_time
 from .base import Backend, Packed
-
-#: Operations that only read: safe to send again when their reply was lost.
-READ_ONLY = frozenset("get contains get_many ttl length keys items locked ping info".split())
-#: Operations whose last argument is how long the server may wait for a lock.
-WAITING = frozenset(("acquire",))
-WAITING_BEFORE_SESSION = frozenset(("txn_read", "txn_commit"))
 
 _ERRORS: dict[str, type[Exception]] = {
     "KeyError": KeyError,
@@ -214,18 +208,17 @@ class ManagerBackend(Backend):
     def call(self, op: str, *args: Any) -> Any:
         # The server answers at once, except when an operation waits for a lock,
         # an atomic block, or a key claimed by one: at most the timeout it was given.
+        entry = catalogue.lookup(op)
         wait = self._wait
-        if op in WAITING:
-            wait += args[-1]
-        elif op in WAITING_BEFORE_SESSION:
-            wait += args[1]
+        if entry.wait is not None:
+            wait += args[entry.wait]
         request = protocol.dumps((op, *args))
         link = self._link()
         try:
             reply = self._round_trip(link, request, wait)
         except _Broken as broken:
             self._drop(link)
-            if broken.delivered and op not in READ_ONLY:
+            if broken.delivered and not entry.read_only:
                 raise SharedStateUnavailable(
                     f"lost the connection to the state server at {self.address} while"
                     f" waiting for the reply to {op!r}; it may or may not have been applied."

@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from ..errors import ConfigError, LockTimeout, SharedStateUnavailable
+from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed
 
 _BLOCKED_CHECK = """
@@ -287,9 +288,9 @@ class RedisBackend(Backend):
         self.client.connection_pool.disconnect()
 
     def call(self, op: str, *args: Any) -> Any:
-        method = getattr(self, "op_" + op, None)
-        if method is None:
+        if op not in OPERATIONS:
             raise ValueError(f"unknown operation {op!r}")
+        method = getattr(self, "op_" + op)
         redis = self._redis
         for attempt in (1, 2):
             try:
@@ -300,7 +301,7 @@ class RedisBackend(Backend):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Redis may come back empty (restarted): give it the defaults again.
                 self._defaults_pid = 0
-                if attempt == 1 and op in _READ_ONLY:
+                if attempt == 1 and OPERATIONS[op].read_only:
                     continue  # a read is safe to send again
                 raise SharedStateUnavailable(
                     f"Redis at {self.address} did not answer {op!r}"
@@ -511,13 +512,6 @@ class RedisBackend(Backend):
 
     def op_txn_abort(self) -> None:
         self._eval("txn_abort", [self._txn], [self._token()])
-
-    def op_ping(self) -> str:
-        self.client.ping()
-        return "pong"
-
-
-_READ_ONLY = frozenset("get contains get_many ttl length keys items locked ping".split())
 
 
 def _sha1(script: str) -> str:

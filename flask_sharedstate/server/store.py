@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .catalogue import OPERATIONS as CATALOGUE
 from .persistence import Journal, Record
 from .protocol import KEEP_TTL
 
@@ -503,9 +504,6 @@ class Session:
     def txn_abort(self) -> None:
         self._end()
 
-    def ping(self) -> str:
-        return "pong"
-
     def close(self) -> None:
         """Release every lock and the atomic block this session holds."""
         with self.store.cond:
@@ -520,11 +518,5 @@ class Session:
             self.store.cond.notify_all()
 
 
-OPERATIONS: dict[str, Callable[..., Any]] = {
-    name: getattr(Session, name)
-    for name in (
-        "get contains get_many set set_many delete pop setdefault incr compare_and_set "
-        "expire ttl length keys items clear apply_defaults acquire release locked "
-        "txn_read txn_commit txn_abort ping"
-    ).split()
-}
+#: The wire operations: every entry of the catalogue, as a method of Session.
+OPERATIONS: dict[str, Callable[..., Any]] = {name: getattr(Session, name) for name in CATALOGUE}
