@@ -2,9 +2,12 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import AtomicBlockLost as AtomicBlockLost
 from .errors import AuthenticationError as AuthenticationError
 from .errors import ConfigError as ConfigError
+from .errors import LockNotOwned as LockNotOwned
 from .errors import LockTimeout as LockTimeout
+from .errors import NotPersisted as NotPersisted
 from .errors import SharedStateError as SharedStateError
 from .errors import SharedStateUnavailable as SharedStateUnavailable
 
@@ -12,9 +15,12 @@ if TYPE_CHECKING:
     from .extension import SharedState as SharedState
 
 __all__ = [
+    "AtomicBlockLost",
     "AuthenticationError",
     "ConfigError",
+    "LockNotOwned",
     "LockTimeout",
+    "NotPersisted",
     "SharedState",
     "SharedStateError",
     "SharedStateUnavailable",
