@@ -23,6 +23,8 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .backends.manager import ManagerBackend
+from .backends.redis import RedisBackend
 from .errors import SharedStateError
 from .extension import AppState
 from .operations import MISSING, Direct
@@ -41,9 +43,17 @@ def _state() -> AppState:
             "this app does not use Flask-SharedState: call SharedState(app) or"
             " shared.init_app(app) in the app factory."
         ) from None
-    # Work on the running server; never start one from a command.
-    state.backend.may_start = False  # type: ignore[attr-defined]
+    if isinstance(state.backend, ManagerBackend):
+        # Work on the running server; never start one from a command.
+        state.backend.may_start = False
     return state
+
+
+def _manager(what: str) -> tuple[AppState, ManagerBackend]:
+    state = _state()
+    if not isinstance(state.backend, ManagerBackend):
+        raise click.ClickException(f"the {state.backend.name!r} backend has no server to {what}")
+    return state, state.backend
 
 
 def _ops() -> Direct:
@@ -97,8 +107,8 @@ def status() -> None:
     click.echo(f"backend:     {backend.name}")
     click.echo(f"address:     {backend.address}")
     click.echo(f"namespace:   {state.settings.namespace}")
-    if backend.name == "redis":
-        info = _run(backend.client.info)  # type: ignore[attr-defined]
+    if isinstance(backend, RedisBackend):
+        info = _run(backend.client.info)
         click.echo(
             f"server:      redis {info.get('redis_version')}, up {info.get('uptime_in_seconds')}s"
         )
@@ -264,27 +274,21 @@ def serve() -> None:
     from .server.__main__ import log_to_stderr, parse
     from .server.__main__ import serve as run_server
 
-    state = _state()
-    backend = state.backend
-    if backend.name != "manager":
-        raise click.ClickException(f"the {backend.name!r} backend has no server to serve")
+    state, backend = _manager("serve")
+    launcher = backend.launcher
     deadline = time.monotonic() + state.settings.timeout
-    key = _run(backend._auth_key)  # type: ignore[attr-defined]
+    key = _run(launcher.key)
     election = contextlib.ExitStack()
     try:
         # Hold the election while checking and binding (so no worker starts a server
         # meanwhile), and let it go once we listen.
-        election.enter_context(backend.election(deadline))  # type: ignore[attr-defined]
-        try:
-            link = backend._open(key, deadline)  # type: ignore[attr-defined]
-        except (OSError, EOFError):
-            link = None  # nobody listens there: ours to serve
-        if link is not None:
-            link.close()
+        election.enter_context(launcher.election(deadline))
+        pid = backend.running_server(key, deadline)
+        if pid is not None:
             raise click.ClickException(
-                f"a state server (pid {link.server_pid}) already runs at {backend.address}"
+                f"a state server (pid {pid}) already runs at {backend.address}"
             )
-        backend.remove_stale_socket()  # type: ignore[attr-defined]
+        launcher.remove_stale_socket()
     except SharedStateError as exc:
         election.close()
         raise click.ClickException(
@@ -293,7 +297,7 @@ def serve() -> None:
     except BaseException:
         election.close()
         raise
-    args = parse(backend.server_arguments(owner=None))  # type: ignore[attr-defined]
+    args = parse(launcher.arguments(owner=None))
     log_to_stderr()
     messages: list[str] = []
     try:
@@ -307,11 +311,9 @@ def serve() -> None:
 @sharedstate.command()
 def stop() -> None:
     """Stop the running state server (it saves first, if it persists)."""
-    state = _state()
-    if state.backend.name != "manager":
-        raise click.ClickException(f"the {state.backend.name!r} backend has no server to stop")
-    pid = _run(state.backend.call, "info")["pid"]
-    state.backend.close()
+    _, backend = _manager("stop")
+    pid = _run(backend.call, "info")["pid"]
+    backend.close()
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

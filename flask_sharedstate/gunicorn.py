@@ -25,6 +25,7 @@ from typing import Any
 
 from flask import Flask
 
+from .backends.manager import ManagerBackend
 from .server.process import process_start_time
 
 #: How long on_exit waits for the server to save and stop.
@@ -51,11 +52,10 @@ def start_server(app: Flask, owner: int | None = None) -> int:
     Returns the server's pid. For the ``manager`` backend only; other
     backends have no server to start, and this returns 0.
     """
-    state = app.extensions["sharedstate"]
-    ensure = getattr(state.backend, "ensure_server", None)
-    if ensure is None:
+    backend = app.extensions["sharedstate"].backend
+    if not isinstance(backend, ManagerBackend):
         return 0
-    return int(ensure(owner if owner is not None else os.getpid()))
+    return backend.ensure_server(owner if owner is not None else os.getpid())
 
 
 def on_starting(server: Any) -> None:

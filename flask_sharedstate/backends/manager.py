@@ -2,15 +2,9 @@
 
 What it promises, and how:
 
-* **Election.** Whoever cannot connect takes an ``flock`` on the address's
-  ``.lock`` file, tries once more, and only then removes a stale socket file
-  and starts a server. The kernel drops the ``flock`` of a process that dies,
-  so a crashed starter never blocks the next one, and however many processes
-  race, one server starts.
-* **A fresh process.** The server is a new interpreter started with every
-  descriptor closed, in a session of its own, and it detaches from its
-  starter: killing or recycling the worker that started it does not touch it.
-  It stops when its *owner* is gone (see :func:`owner_process`).
+* **Election and start** (``launcher.py``): whoever cannot connect holds the
+  address's election lock, tries once more, and only then starts a server,
+  a fresh detached interpreter owned by the app's master process.
 * **Self-healing.** A request that finds its connection dead before it was
   sent reconnects, re-electing a server if needed, and is sent again. A
   request whose reply is lost is not repeated (it may have been applied),
@@ -23,31 +17,24 @@ What it promises, and how:
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import multiprocessing
 import os
 import select
 import socket
-import stat
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..config import Settings, runtime_dir
+from ..config import Settings
 from ..errors import (
     AuthenticationError,
-    ConfigError,
     LockTimeout,
     SharedStateUnavailable,
 )
+from ..launcher import ServerLauncher
 from ..server import catalogue, protocol
-from ..server.process import process_start_time
 from .base import Backend, Packed
 
 _ERRORS: dict[str, type[Exception]] = {
@@ -68,57 +55,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _parent_is_gunicorn() -> bool:
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            return b"gunicorn" in f.read()
-    except OSError:
-        return False
-
-
-def owner_process() -> int:
-    """The process whose end should end a server that this process starts.
-
-    A worker of a pre-fork server is recycled at will, so its parent owns the
-    state server: the gunicorn master, the Werkzeug reloader's watcher, the
-    uWSGI master, or the parent of a :mod:`multiprocessing` child. Any other
-    process (a script, ``flask run`` without the reloader, a gunicorn master
-    using the state before it forks) owns the server itself.
-    """
-    parent = os.getppid()
-    if parent > 1:
-        if "gunicorn" in sys.modules and _parent_is_gunicorn():
-            return parent
-        if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
-            return parent
-        if multiprocessing.parent_process() is not None:
-            return parent
-        uwsgi = sys.modules.get("uwsgi")
-        if uwsgi is not None and hasattr(uwsgi, "masterpid") and uwsgi.masterpid() > 0:
-            return int(uwsgi.masterpid())
-    return os.getpid()
-
-
-def python_executable() -> str:
-    """The Python interpreter to run the state server with.
-
-    Usually ``sys.executable``; under uWSGI that is the uwsgi binary, so look
-    for the interpreter of this environment instead.
-    """
-    if os.path.basename(sys.executable).startswith(("python", "pypy")):
-        return sys.executable
-    version = sys.version_info
-    for prefix in dict.fromkeys((sys.prefix, sys.exec_prefix, sys.base_prefix)):
-        for name in (f"python{version.major}.{version.minor}", f"python{version.major}", "python"):
-            candidate = os.path.join(prefix, "bin", name)
-            if os.access(candidate, os.X_OK):
-                return candidate
-    raise SharedStateUnavailable(
-        f"cannot find a Python interpreter to run the state server ({sys.executable} is"
-        f" not one, nor is there a python in {sys.prefix}/bin)."
-    )
 
 
 def _gevent_patched() -> bool:
@@ -185,8 +121,8 @@ class ManagerBackend(Backend):
         self._wait = 2 * settings.timeout
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
-        self._key: bytes | None = settings.key
-        self._key_lock = threading.Lock()
+        #: election, start and key of this app's server
+        self.launcher = ServerLauncher(settings)
         #: set by ensure_server: the owner of a server this process starts
         self._owner: int | None = None
         #: False for the CLI, which works on a running server and never starts one
@@ -303,7 +239,7 @@ class ManagerBackend(Backend):
 
     def _connect(self) -> _Link:
         deadline = time.monotonic() + self._timeout
-        key = self._auth_key()
+        key = self.launcher.key()
         # Only the reason is kept: a kept exception would hold this frame (and
         # the new connection with it) in a reference cycle.
         reason = "no attempt"
@@ -409,7 +345,7 @@ class ManagerBackend(Backend):
 
     def _elect(self, key: bytes, deadline: float) -> _Link:
         """Under the election lock: connect if someone won, else start a server."""
-        with self.election(deadline):
+        with self.launcher.election(deadline):
             try:
                 return self._open(key, deadline)
             except (FileNotFoundError, ConnectionRefusedError):
@@ -418,181 +354,19 @@ class ManagerBackend(Backend):
                         f"no state server is running at {self.address}. Start the app (its"
                         " first use starts one) or run 'flask sharedstate serve'."
                     ) from None
-            self._start_server(key, deadline)
+            # Nobody listens, and we hold the election: any socket file is a dead server's.
+            self.launcher.remove_stale_socket()
+            self.launcher.start(key, deadline, owner=self._owner)
             return self._open(key, deadline)
 
-    def server_arguments(self, owner: int | None) -> list[str]:
-        """The command-line arguments of ``python -m flask_sharedstate.server`` for this app."""
-        settings = self.settings
-        if settings.tcp is None:
-            arguments = ["--unix", settings.socket_path]
-        else:
-            host, port = settings.tcp
-            arguments = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-        if owner is not None:
-            arguments += [
-                "--owner-pid",
-                str(owner),
-                "--owner-start",
-                str(process_start_time(owner)),
-            ]
-        arguments += ["--pid-file", settings.run_base + ".pid"]
-        if settings.persist_path is not None:
-            arguments += ["--persist", settings.persist_path, "--fsync", settings.fsync]
-        return arguments
+    def running_server(self, key: bytes, deadline: float) -> int | None:
+        """The pid of the server answering at the address, or None if nobody listens.
 
-    def remove_stale_socket(self) -> None:
-        """Remove the socket file of a dead server; call only while holding the election."""
-        if self.settings.tcp is None:
-            try:
-                os.unlink(self.settings.socket_path)
-            except FileNotFoundError:
-                pass
-
-    @contextlib.contextmanager
-    def election(self, deadline: float) -> Iterator[None]:
-        """Hold the address's election lock (an flock, dropped by the kernel if we die)."""
-        fd = os.open(self.settings.run_base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        Never starts one. For ``flask sharedstate serve``, under the election.
+        """
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise SharedStateUnavailable(
-                            f"another process has been starting the state server at"
-                            f" {self.address} for longer than SHAREDSTATE_TIMEOUT"
-                        ) from None
-                    time.sleep(0.005)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
-
-    def _start_server(self, key: bytes, deadline: float) -> None:
-        settings = self.settings
-        # Nobody listens (we hold the election lock): the file is a dead server's.
-        self.remove_stale_socket()
-        owner = self._owner or owner_process()
-        command = [python_executable(), "-m", "flask_sharedstate.server"]
-        command += [*self.server_arguments(owner), "--detach"]
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        ready_r, ready_w = os.pipe()
-        log = os.fdopen(
-            os.open(
-                settings.run_base + ".log",
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
-            ),
-            "ab",
-        )
-        try:
-            proc = subprocess.Popen(
-                [*command, "--ready-fd", str(ready_w)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                pass_fds=(ready_w,),
-                close_fds=True,
-                start_new_session=True,
-                cwd="/",
-                env=env,
-            )
-        finally:
-            log.close()
-            os.close(ready_w)
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(key)
-            proc.stdin.close()
-            line = self._read_ready(ready_r, deadline)
-        finally:
-            os.close(ready_r)
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if line.startswith("ready") or line == "in-use":
-            return  # in use: some other process listens there; connect to it
-        raise SharedStateUnavailable(
-            f"could not start the state server at {self.address}:"
-            f" {line or 'it exited without a word'}. See {settings.run_base}.log."
-        )
-
-    @staticmethod
-    def _read_ready(fd: int, deadline: float) -> str:
-        data = b""
-        while b"\n" not in data:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return "error it did not say it was ready in time"
-            chunk = os.read(fd, 256)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode(errors="replace").strip()
-
-    # -- the key ---------------------------------------------------------------------
-
-    def _auth_key(self) -> bytes:
-        self._private_folder()
-        if self._key is not None:
-            return self._key
-        with self._key_lock:
-            if self._key is None:
-                self._key = _read_or_create_key(self.settings.key_file)
-            return self._key
-
-    def _private_folder(self) -> None:
-        folder = os.path.dirname(self.settings.run_base)
-        try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the folder {folder} for the state server's socket:"
-                f" {exc.strerror}. Set SHAREDSTATE_SOCKET to a path in a writable folder."
-            ) from None
-        if folder == runtime_dir():
-            info = os.lstat(folder)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-                raise ConfigError(
-                    f"{folder} must be a folder owned by this user with mode 0700, so that"
-                    " no one else can reach the state server; remove it, or set"
-                    " SHAREDSTATE_SOCKET to a path in a private folder."
-                )
-
-
-def _read_or_create_key(path: str) -> bytes:
-    """Read the key file, or create it (0600, atomically) with a random key."""
-    for _ in range(50):
-        try:
-            with open(path, "rb") as f:
-                info = os.fstat(f.fileno())
-                if info.st_uid != os.getuid() or info.st_mode & 0o077:
-                    raise ConfigError(
-                        f"the key file {path} must be owned by this user with mode 0600;"
-                        " remove it, or set SHAREDSTATE_KEY."
-                    )
-                key = f.read()
-            if key:
-                return key
-        except FileNotFoundError:
-            pass
-        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, os.urandom(32).hex().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)  # fails if another process was first
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-        finally:
-            os.unlink(temporary)
-    raise SharedStateUnavailable(f"cannot read the key file {path}")
+            link = self._open(key, deadline)
+        except (OSError, EOFError):
+            return None
+        link.close()
+        return link.server_pid
