@@ -44,6 +44,7 @@ from ..errors import (
     AuthenticationError,
     ConfigError,
     LockTimeout,
+    NotPersisted,
     SharedStateUnavailable,
 )
 from ..server import catalogue, protocol
@@ -56,6 +57,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "ValueError": ValueError,
     "RuntimeError": RuntimeError,
     "LockTimeout": LockTimeout,
+    "NotPersisted": NotPersisted,
 }
 
 # Bumped in every forked child: connections of an older generation are the parent's.
