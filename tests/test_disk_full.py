@@ -6,10 +6,12 @@ CI) and puts the persistence file on it, with a real state server started throug
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +30,12 @@ FULL = "No space left on device"
 def small_disk(run_dir: str) -> Iterator[str]:
     """A 2 MiB tmpfs mounted in the test's folder; unmounted (after its servers are
     killed) whatever happens."""
+    with mounted(run_dir, DISK_SIZE) as mount:
+        yield mount
+
+
+@contextlib.contextmanager
+def mounted(run_dir: str, size: int) -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip(
             "the disk-full tests mount a small tmpfs, and only root may mount one: run"
@@ -36,7 +44,7 @@ def small_disk(run_dir: str) -> Iterator[str]:
     mount = os.path.join(run_dir, "disk")
     os.mkdir(mount)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0700", "tmpfs", mount],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", mount],
         capture_output=True,
         text=True,
         check=False,
@@ -64,7 +72,7 @@ def fill(disk: str) -> str:
     path = os.path.join(disk, "filler")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        for _ in range(DISK_SIZE // 4096 + 10):
+        for _ in range(os.statvfs(disk).f_blocks + 10):
             try:
                 os.write(fd, b"\0" * 4096)
             except OSError as exc:
@@ -204,3 +212,45 @@ def test_full_disk_at_start_is_a_clear_error(run_dir: str, small_disk: str) -> N
     stop_server(shared, signal.SIGKILL)
     assert shared.get("n") == 1 and shared.get("k") == "v"
     shared.state().backend.close()
+
+
+def test_compaction_on_a_full_disk_leaves_the_journal_and_the_space(run_dir: str) -> None:
+    """A compaction that cannot fit on the disk leaves the journal intact and no .compact
+    file taking the space: small writes go on; with space back it compacts, and a restart
+    restores everything."""
+    with mounted(run_dir, 16 * 1024 * 1024) as disk:
+        shared = on_disk(run_dir, disk, "everysec")
+        path = os.path.join(disk, "state.db")
+        shared.set("big", b"a" * 1_500_000)
+        shared.set("big", b"b" * 1_500_000)  # 3 MB of journal, below the threshold
+        filler = fill(disk)
+        os.truncate(filler, os.path.getsize(filler) - 1_400_000)
+        written = 0
+        while os.path.getsize(path) < 4 * 1024 * 1024 + 100_000:  # past the threshold
+            shared.set(f"k{written}", b"c" * 1000)
+            written += 1
+            assert written < 2000, "the journal never reached the compaction threshold"
+        log = os.path.join(run_dir, "app.sock.log")
+        wait_for(lambda: "compaction of" in read(log), timeout=20)
+        assert "the journal is intact" in read(log)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # it retries each second: never leaves its file
+            assert not os.path.exists(path + ".compact")
+            time.sleep(0.05)
+        for i in range(20):  # the space it did not take is there for the clients
+            shared.set(f"small{i}", i)
+        assert shared.state().backend.call("info")["persistence"]["compactions"] == 0
+
+        os.unlink(filler)
+        wait_for(lambda: shared.state().backend.call("info")["persistence"]["compactions"], 20)
+        assert os.path.getsize(path) < 4 * 1024 * 1024
+        expected = shared.dict.copy()
+        assert len(expected) == written + 21
+        stop_server(shared, signal.SIGKILL)
+        assert shared.dict.copy() == expected
+        shared.state().backend.close()
+
+
+def read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
