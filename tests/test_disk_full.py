@@ -242,7 +242,7 @@ def test_compaction_on_a_full_disk_leaves_the_journal_and_the_space(run_dir: str
         assert shared.state().backend.call("info")["persistence"]["compactions"] == 0
 
         os.unlink(filler)
-        wait_for(lambda: shared.state().backend.call("info")["persistence"]["compactions"], 20)
+        wait_for(lambda: shared.state().backend.call("info")["persistence"]["compactions"], 60)
         assert os.path.getsize(path) < 4 * 1024 * 1024
         expected = shared.dict.copy()
         assert len(expected) == written + 21

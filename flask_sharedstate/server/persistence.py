@@ -187,6 +187,9 @@ class Journal:
         self.dirty = False
         self.last_fsync = time.time()
         self.compactions = 0
+        #: compactions failed in a row, and when to try the next one (time.monotonic)
+        self.failed_compactions = 0
+        self._retry_at = 0.0
         #: why writes are refused until the file is rewritten (a failed fsync), or None
         self.broken: str | None = None
         #: set when a compaction is due, to wake the thread that runs it
@@ -359,7 +362,9 @@ class Journal:
     def wants_compaction(self) -> bool:
         if self._pending is not None or self.fd < 0:
             return False
-        return self.broken is not None or self.size >= self.threshold()
+        if self.broken is not None:
+            return True  # writes wait for it: try each second
+        return self.size >= self.threshold() and time.monotonic() >= self._retry_at
 
     # -- compaction --------------------------------------------------------------------
 
@@ -428,14 +433,19 @@ class Journal:
         self.dirty = False
         self.last_fsync = time.time()
         self.compactions += 1
+        self.failed_compactions = 0
+        self._retry_at = 0.0
         self.due.clear()
         if self.broken is not None:
             log.warning("%s rewritten and synced: writes are accepted again", self.path)
             self.broken = None
 
     def abandon_compaction(self) -> None:
+        """Forget a failed compaction; the next waits longer, up to a minute."""
         self._pending = None
         self.due.clear()
+        self.failed_compactions += 1
+        self._retry_at = time.monotonic() + min(60, 2**self.failed_compactions)
         _unlink(self.path + ".compact")
 
     def close(self) -> None:

@@ -191,7 +191,13 @@ class StateServer:
             with self.store.cond:
                 journal.abandon_compaction()
                 self.store.cond.notify_all()
-            log.error("compaction of %s failed, the journal is intact: %s", journal.path, exc)
+            if journal.failed_compactions in (1, 10, 100) or journal.failed_compactions % 1000 == 0:
+                log.error(
+                    "compaction of %s failed (%d times in a row), the journal is intact: %s",
+                    journal.path,
+                    journal.failed_compactions,
+                    exc,
+                )
             return
         log.info(
             "compacted %s to %d bytes in %.2fs",
