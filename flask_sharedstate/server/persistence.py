@@ -284,10 +284,9 @@ class Journal:
             return
         if self.broken is not None:
             raise NotPersisted(
-                f"the state server cannot persist to {self.path}: an fsync failed"
-                f" ({self.broken}) and writes wait until the file has been rewritten,"
-                " which the server tries each second; nothing of this operation was"
-                " written"
+                f"the state server cannot persist to {self.path}: {self.broken}. Writes"
+                " are refused until it has rewritten the file, which it tries each"
+                " second; nothing of this operation was written"
             )
         try:
             _write_all(self.fd, data)
@@ -303,7 +302,7 @@ class Journal:
         self.size += len(data)
         if self._pending is not None:
             self._pending.append(data)
-        if self.fsync_policy != "always":
+        if self.fsync_policy == "everysec":
             self.dirty = True
         if self.wants_compaction():
             self.due.set()
@@ -421,11 +420,11 @@ class Journal:
             os.fsync(fd)
             size = os.fstat(fd).st_size
             os.replace(aside, self.path)
-            _fsync_folder(self.path)
         except BaseException:
             os.close(fd)
             _unlink(aside)
             raise
+        # From here on the new file is the journal, whatever happens.
         old, self.fd = self.fd, fd
         os.close(old)
         self.size = size
@@ -436,9 +435,14 @@ class Journal:
         self.failed_compactions = 0
         self._retry_at = 0.0
         self.due.clear()
-        if self.broken is not None:
+        was_broken, self.broken = self.broken, None
+        try:
+            _fsync_folder(self.path)
+        except OSError as exc:  # the rename might not survive a power cut
+            self._fail(f"fsync of the folder after a compaction failed ({_reason(exc)})")
+            return
+        if was_broken is not None:
             log.warning("%s rewritten and synced: writes are accepted again", self.path)
-            self.broken = None
 
     def abandon_compaction(self) -> None:
         """Forget a failed compaction; the next waits longer, up to a minute."""

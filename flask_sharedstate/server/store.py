@@ -130,7 +130,8 @@ class Store:
     # operation's records before its reply; if that fails, or the operation
     # raised, ``rollback`` undoes all of it: an operation is applied whole or
     # not at all. Locks and atomic-block slots are not changes: never journaled,
-    # never undone.
+    # never undone. One list serves every session: ``cond`` is held from an
+    # operation's first change to its commit or rollback.
 
     def put(self, space: Namespace, key: str, value: Value, ttl: float | None | str) -> None:
         """Set ``key``; ``ttl`` is seconds, None (no expiry) or KEEP_TTL."""
@@ -178,11 +179,11 @@ class Store:
             except BaseException:
                 self.rollback()
                 raise
-            if journal.behind():
-                # A writer faster than the compaction would grow the file without
-                # bound: the reply waits (a little) for the compaction to finish.
-                self.cond.wait_for(lambda: not journal.behind(), COMPACTION_WAIT)
-        self._undo.clear()
+        self._undo.clear()  # before any wait: other operations run meanwhile
+        if journal is not None and journal.behind():
+            # A writer faster than the compaction would grow the file without
+            # bound: the reply waits (a little) for the compaction to finish.
+            self.cond.wait_for(lambda: not journal.behind(), COMPACTION_WAIT)
 
     def rollback(self) -> None:
         """Undo the changes of the operation under way, newest first."""
