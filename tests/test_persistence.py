@@ -304,3 +304,32 @@ def test_a_server_with_other_persistence_is_not_used(run_dir: str) -> None:
     with pytest.raises(SharedStateUnavailable, match="flask sharedstate stop"):
         shared.get("k")
     plain.state().backend.close()
+
+
+def test_journal_stays_bounded_across_restarts(run_dir: str) -> None:
+    """One ~200 KB key rewritten many times across several SIGKILL restarts: the file
+    stays below 2 x max(MIN_COMPACT_SIZE, 2 x the live state) plus one write, and every
+    restart restores the last acknowledged version."""
+    shared = persistent(run_dir, "no")
+    path = os.path.join(run_dir, "state.db")
+    pad = "x" * 200_000
+    live = len(persistence.encode_record(("put", "worker_app", "blob", pack_blob(0, pad), None)))
+    bound = 2 * max(persistence.MIN_COMPACT_SIZE, 2 * live) + live
+    largest = 0
+    version = 0
+    for _round in range(6):
+        for _ in range(60):
+            version += 1
+            shared.set("blob", {"v": version, "pad": pad})
+            largest = max(largest, os.path.getsize(path))
+        kill_server(shared)
+        assert shared.get("blob")["v"] == version  # a new server, restored from the file
+        largest = max(largest, os.path.getsize(path))
+    assert largest <= bound, f"the journal reached {largest} bytes (bound {bound})"
+    shared.state().backend.close()
+
+
+def pack_blob(version: int, pad: str) -> bytes:
+    from flask_sharedstate.backends.base import pack
+
+    return pack("blob", {"v": version, "pad": pad})

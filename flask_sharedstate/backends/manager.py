@@ -31,6 +31,7 @@ from ..config import Settings
 from ..errors import (
     AuthenticationError,
     LockTimeout,
+    NotPersisted,
     SharedStateUnavailable,
 )
 from ..launcher import ServerLauncher
@@ -43,6 +44,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "ValueError": ValueError,
     "RuntimeError": RuntimeError,
     "LockTimeout": LockTimeout,
+    "NotPersisted": NotPersisted,
 }
 
 # Bumped in every forked child: connections of an older generation are the parent's.

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import protocol
-from .persistence import Journal
+from .persistence import Journal, NotPersisted, estimated_size
 from .store import LockTimeout, Session, Store
 
 log = logging.getLogger("flask_sharedstate.server")
@@ -92,6 +92,8 @@ class StateServer:
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        if self.store.journal is not None:
+            threading.Thread(target=self._persist, args=(self.store.journal,), daemon=True).start()
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -154,26 +156,48 @@ class StateServer:
             else:
                 time.sleep(SWEEP_INTERVAL / 4)
             self.store.sweep()
-            if self.store.journal is not None:
-                self._persist(self.store.journal)
 
     def _persist(self, journal: Journal) -> None:
-        """fsync (``everysec``), and compact the journal when it has grown."""
-        journal.sync()
-        if not journal.wants_compaction():
-            return
+        """The journal's thread: fsync each second (``everysec``), compact when it is due.
+
+        The first compaction threshold is set from the live state just restored,
+        so a file that a crash left large is compacted at once.
+        """
+        with self.store.cond:
+            journal.base_size = estimated_size(self.store.snapshot())
+        while not self._stopping.is_set():
+            journal.sync()  # without the lock: clients go on meanwhile
+            if journal.wants_compaction():
+                try:
+                    self._compact(journal)
+                except Exception:  # a bug here must not stop the fsyncs
+                    log.exception("compaction of %s failed", journal.path)
+                    with self.store.cond:
+                        journal.abandon_compaction()
+                        self.store.cond.notify_all()
+            journal.due.wait(SWEEP_INTERVAL)
+
+    def _compact(self, journal: Journal) -> None:
         started = time.monotonic()
         with self.store.cond:
             journal.begin_compaction()
             snapshot = self.store.snapshot()
         try:
-            aside = journal.write_compacted(snapshot)  # the slow part: clients go on
+            aside, size = journal.write_compacted(snapshot)  # the slow part: clients go on
             with self.store.cond:
-                journal.finish_compaction(aside)
+                journal.finish_compaction(aside, size)
+                self.store.cond.notify_all()  # writers waiting for it
         except OSError as exc:
             with self.store.cond:
                 journal.abandon_compaction()
-            log.error("compaction of %s failed, the journal is intact: %s", journal.path, exc)
+                self.store.cond.notify_all()
+            if journal.failed_compactions in (1, 10, 100) or journal.failed_compactions % 1000 == 0:
+                log.error(
+                    "compaction of %s failed (%d times in a row), the journal is intact: %s",
+                    journal.path,
+                    journal.failed_compactions,
+                    exc,
+                )
             return
         log.info(
             "compacted %s to %d bytes in %.2fs",
@@ -247,7 +271,7 @@ class StateServer:
                     reply = (True, session.call(op, args))
             except LockTimeout as exc:
                 reply = (False, "LockTimeout", exc.args)
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            except (KeyError, TypeError, ValueError, RuntimeError, NotPersisted) as exc:
                 reply = (False, type(exc).__name__, exc.args)
             except Exception as exc:  # noqa: BLE001 - a bad request never stops the server
                 reply = (False, "ValueError", (f"bad request: {type(exc).__name__}",))

@@ -29,7 +29,18 @@ from .persistence import Journal, Record
 from .protocol import KEEP_TTL
 
 Value = int | float | bytes
-Clock = Callable[[], float]
+
+#: The store's one clock: deadlines are on it, and turned into wall-clock
+#: times only in journal records.
+now = time.monotonic
+
+#: The longest a write's reply waits for a compaction that has fallen behind.
+COMPACTION_WAIT = 1.0
+
+_ABSENT: Any = object()
+#: How to undo one change: ("key", space, key, old value or _ABSENT, old deadline),
+#: ("clear", space, old data, old deadlines) or ("default", space, key).
+Undo = tuple[Any, ...]
 
 
 class LockTimeout(Exception):
@@ -91,16 +102,16 @@ class Namespace:
 class Store:
     """All namespaces of one state server (or of one process, for ``memory``)."""
 
-    def __init__(self, clock: Clock = time.monotonic, journal: Journal | None = None) -> None:
-        self.clock = clock
+    def __init__(self, journal: Journal | None = None) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.namespaces: dict[str, Namespace] = {}
         self.sessions = 0
         self._serial = 0
         #: where changes go before an operation's reply, when persistence is on
         self.journal = journal
-        #: the changes of the operation under way, for the journal
-        self.changes: list[Record] = []
+        #: the operation under way: how to undo each of its changes, and their records
+        self._undo: list[Undo] = []
+        self._records: list[Record] = []
 
     def _space(self, name: str) -> Namespace:
         space = self.namespaces.get(name)
@@ -109,11 +120,95 @@ class Store:
         return space
 
     def _wall_deadline(self, deadline: float | None) -> float | None:
-        return None if deadline is None else time.time() + (deadline - self.clock())
+        return None if deadline is None else time.time() + (deadline - now())
+
+    # -- changes: the one place that makes, records, writes and undoes them ----------
+    #
+    # Every change to values, deadlines and applied defaults goes through put,
+    # remove, clear and mark_default (with ``cond`` held), which remember how
+    # to undo it and the journal record that says it. ``commit`` writes an
+    # operation's records before its reply; if that fails, or the operation
+    # raised, ``rollback`` undoes all of it: an operation is applied whole or
+    # not at all. Locks and atomic-block slots are not changes: never journaled,
+    # never undone. One list serves every session: ``cond`` is held from an
+    # operation's first change to its commit or rollback.
+
+    def put(self, space: Namespace, key: str, value: Value, ttl: float | None | str) -> None:
+        """Set ``key``; ``ttl`` is seconds, None (no expiry) or KEEP_TTL."""
+        data, deadlines = space.data, space.deadlines
+        self._undo.append(("key", space, key, data.get(key, _ABSENT), deadlines.get(key)))
+        data[key] = value
+        if ttl is None:
+            deadlines.pop(key, None)
+        elif ttl != KEEP_TTL:
+            deadlines[key] = now() + ttl  # type: ignore[operator]
+        if self.journal is not None:
+            deadline = self._wall_deadline(deadlines.get(key))
+            self._records.append(("put", space.name, key, value, deadline))
+
+    def remove(self, space: Namespace, key: str) -> bool:
+        data = space.data
+        if key not in data:
+            return False
+        self._undo.append(("key", space, key, data.pop(key), space.deadlines.pop(key, None)))
+        if self.journal is not None:
+            self._records.append(("del", space.name, key))
+        return True
+
+    def clear(self, space: Namespace) -> None:
+        self._undo.append(("clear", space, space.data, space.deadlines))
+        space.data, space.deadlines = {}, {}
+        if self.journal is not None:
+            self._records.append(("clear", space.name))
+
+    def mark_default(self, space: Namespace, key: str) -> None:
+        """Remember that default ``key`` was applied, so that it is never applied again."""
+        if key not in space.applied_defaults:
+            space.applied_defaults.add(key)
+            self._undo.append(("default", space, key))
+            if self.journal is not None:
+                self._records.append(("default", space.name, key))
+
+    def commit(self) -> None:
+        """Write the operation's changes to the journal; undo them all if that fails."""
+        records, self._records = self._records, []
+        journal = self.journal
+        if records and journal is not None:
+            try:
+                journal.append(records)
+            except BaseException:
+                self.rollback()
+                raise
+        self._undo.clear()  # before any wait: other operations run meanwhile
+        if journal is not None and journal.behind():
+            # A writer faster than the compaction would grow the file without
+            # bound: the reply waits (a little) for the compaction to finish.
+            self.cond.wait_for(lambda: not journal.behind(), COMPACTION_WAIT)
+
+    def rollback(self) -> None:
+        """Undo the changes of the operation under way, newest first."""
+        undo, self._undo = self._undo, []
+        self._records.clear()
+        for change in reversed(undo):
+            kind, space = change[0], change[1]
+            if kind == "key":
+                _, _, key, value, deadline = change
+                if value is _ABSENT:
+                    space.data.pop(key, None)
+                else:
+                    space.data[key] = value
+                if deadline is None:
+                    space.deadlines.pop(key, None)
+                else:
+                    space.deadlines[key] = deadline
+            elif kind == "clear":
+                space.data, space.deadlines = change[2], change[3]
+            else:
+                space.applied_defaults.discard(change[2])
 
     def restore(self, records: Iterable[Record]) -> int:
         """Replay journal records into an empty store; return how many keys it holds."""
-        now_wall, now = time.time(), self.clock()
+        now_wall, now_store = time.time(), now()
         with self.cond:
             for record in records:
                 kind, space = record[0], self._space(record[1])
@@ -127,7 +222,7 @@ class Store:
                     if deadline is None:
                         space.deadlines.pop(key, None)
                     else:
-                        space.deadlines[key] = now + (deadline - now_wall)
+                        space.deadlines[key] = now_store + (deadline - now_wall)
                 elif kind == "del":
                     space.data.pop(record[2], None)
                     space.deadlines.pop(record[2], None)
@@ -158,9 +253,8 @@ class Store:
 
     def sweep(self) -> int:
         """Drop every expired key now; return how many. Called periodically."""
-        now = self.clock()
         with self.cond:
-            return sum(space.drop_expired(now) for space in self.namespaces.values())
+            return sum(space.drop_expired(now()) for space in self.namespaces.values())
 
 
 def _check_key(key: object) -> str:
@@ -204,14 +298,14 @@ class Session:
         if key not in space.data:
             return False
         deadline = space.deadlines.get(key)
-        if deadline is not None and deadline <= self.store.clock():
+        if deadline is not None and deadline <= now():
             del space.data[key]
             del space.deadlines[key]
             return False
         return True
 
     def _purge(self) -> None:
-        self.space.drop_expired(self.store.clock())
+        self.space.drop_expired(now())
 
     def _wait(self, blocked: Callable[[], bool], timeout: float, what: str) -> None:
         if blocked():
@@ -228,28 +322,17 @@ class Session:
         self._wait(blocked, self.wait_timeout, "a write to a key held by an atomic block")
 
     def _store(self, key: str, value: Value, ttl: float | None | str) -> None:
-        space = self.space
-        space.data[key] = value
-        if ttl is None:
-            space.deadlines.pop(key, None)
-        elif ttl != KEEP_TTL:
-            space.deadlines[key] = self.store.clock() + ttl  # type: ignore[operator]
-        if self.store.journal is not None:
-            deadline = self.store._wall_deadline(space.deadlines.get(key))
-            self.store.changes.append(("put", space.name, key, value, deadline))
+        self.store.put(self.space, key, value, ttl)
 
     def _remove(self, key: str) -> bool:
-        space = self.space
-        if key not in space.data:
-            return False
-        del space.data[key]
-        space.deadlines.pop(key, None)
-        if self.store.journal is not None:
-            self.store.changes.append(("del", space.name, key))
-        return True
+        return self.store.remove(self.space, key)
 
     def call(self, op: str, args: tuple[Any, ...]) -> Any:
-        """Run one operation as one atomic step, waiting (in this thread) where it must."""
+        """Run one operation as one atomic step, waiting (in this thread) where it must.
+
+        Its changes are in the journal (in the OS's hands, or synced) before it
+        returns; if they cannot be written, or it raises, none of them stays.
+        """
         method = OPERATIONS.get(op)
         if method is None:
             raise ValueError(f"unknown operation {op!r}")
@@ -258,19 +341,21 @@ class Session:
         with store.cond:
             while True:
                 try:
-                    return method(self, *args)
+                    result = method(self, *args)
                 except WouldBlock as blocked:
-                    now = time.monotonic()
+                    store.rollback()
+                    current = now()
                     if deadline is None:
-                        deadline = now + blocked.timeout
-                    if now >= deadline:
+                        deadline = current + blocked.timeout
+                    if current >= deadline:
                         raise blocked.timed_out() from None
-                    store.cond.wait(deadline - now)
-                finally:
-                    if store.changes:
-                        # On disk (in the OS's hands, or synced) before the reply goes out.
-                        changes, store.changes = store.changes, []
-                        store.journal.append(changes)  # type: ignore[union-attr]
+                    store.cond.wait(deadline - current)
+                    continue
+                except BaseException:
+                    store.rollback()
+                    raise
+                store.commit()
+                return result
 
     # -- the operations ------------------------------------------------------
 
@@ -372,7 +457,7 @@ class Session:
         if not self._alive(key):
             raise KeyError(key)
         deadline = self.space.deadlines.get(key)
-        return None if deadline is None else max(0.0, deadline - self.store.clock())
+        return None if deadline is None else max(0.0, deadline - now())
 
     def length(self) -> int:
         self._purge()
@@ -388,10 +473,7 @@ class Session:
 
     def clear(self) -> None:
         self._writable(list(self.space.data))
-        self.space.data.clear()
-        self.space.deadlines.clear()
-        if self.store.journal is not None:
-            self.store.changes.append(("clear", self.space.name))
+        self.store.clear(self.space)
 
     def apply_defaults(self, items: list[tuple[str, Value]]) -> None:
         """Set each default key that this namespace has never had set as a default."""
@@ -399,13 +481,12 @@ class Session:
         fresh = [(k, v) for k, v in items if k not in applied]
         if not fresh:
             return
-        self._writable([k for k, _ in fresh])
-        for key, value in fresh:
-            applied.add(key)
-            if self.store.journal is not None:
-                self.store.changes.append(("default", self.space.name, key))
+        checked = [(_check_key(k), _check_value(k, v)) for k, v in fresh]
+        self._writable([k for k, _ in checked])
+        for key, value in checked:
+            self.store.mark_default(self.space, key)
             if not self._alive(key):
-                self._store(_check_key(key), _check_value(key, value), None)
+                self._store(key, value, None)
 
     # -- locks -----------------------------------------------------------------
 

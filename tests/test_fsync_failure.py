@@ -1,0 +1,209 @@
+"""A failing fsync under SHAREDSTATE_PERSIST_PATH (a disk that accepts writes it cannot keep).
+
+The persistence file lies on a small ext4 file system in a sparse image file that lies on
+a small tmpfs, mounted through a loop device. Filling the tmpfs makes the loop device fail
+its writes: ext4 still accepts ``write`` (into the page cache), but ``fsync`` fails, as on
+a thin-provisioned or failing disk. Unmounting and mounting the image again drops the page
+cache, so what a restarted server reads is what reached the "disk". Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from flask_sharedstate import NotPersisted, SharedState
+
+import workers
+from conftest import kill_servers, pid_alive, wait_for
+
+OUTER_SIZE = 8 * 1024 * 1024
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+class FailingDisk:
+    """The image, its mount point, and the tmpfs under it."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.outer = os.path.join(run_dir, "outer")
+        self.image = os.path.join(self.outer, "disk.img")
+        self.mount = os.path.join(run_dir, "disk")
+        self.filler = os.path.join(self.outer, "filler")
+
+    def mount_image(self) -> None:
+        done = run("mount", "-o", "loop,errors=continue", self.image, self.mount)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot mount {self.image}: {done.stderr}")
+
+    def remount(self) -> None:
+        """Unmount and mount the image again: the page cache of the file is gone."""
+        done = run("umount", self.mount)
+        assert done.returncode == 0, done.stderr
+        self.mount_image()
+
+    def fill(self) -> None:
+        """Fill the tmpfs under the image: writes to the image's free blocks now fail."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for _ in range(OUTER_SIZE // 65536 + 10):
+                try:
+                    os.write(fd, b"\0" * 65536)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    return
+            raise AssertionError(f"{self.outer} never filled up")
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        os.unlink(self.filler)
+
+
+@pytest.fixture
+def failing_disk(run_dir: str) -> Iterator[FailingDisk]:
+    """An ext4 image on an 8 MiB tmpfs, loop-mounted; unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("the fsync-failure tests mount a tmpfs and a loop device: run them as root")
+    if shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None:
+        pytest.skip("the fsync-failure tests need mkfs.ext4 and losetup (e2fsprogs, mount)")
+    disk = FailingDisk(run_dir)
+    os.mkdir(disk.outer)
+    os.mkdir(disk.mount)
+    with contextlib.ExitStack() as cleanup:
+        done = run("mount", "-t", "tmpfs", "-o", f"size={OUTER_SIZE}", "tmpfs", disk.outer)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs at {disk.outer}: {done.stderr}")
+        cleanup.callback(unmount, disk.outer)
+        with open(disk.image, "wb") as f:
+            f.truncate(64 * 1024 * 1024)  # sparse: far larger than the tmpfs under it
+        options = "lazy_itable_init=1,lazy_journal_init=1"
+        done = run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", options, disk.image)
+        assert done.returncode == 0, done.stderr
+        try:
+            disk.mount_image()
+        except RuntimeError as exc:
+            pytest.skip(f"no loop device to test a failing fsync on: {exc}")
+        cleanup.callback(unmount, disk.mount)
+        cleanup.callback(kill_servers, run_dir)  # first: their open files keep mounts busy
+        yield disk
+
+
+def unmount(path: str) -> None:
+    if run("umount", path).returncode != 0:
+        run("umount", "-l", path)
+
+
+def on_disk(run_dir: str, disk: FailingDisk, fsync: str) -> SharedState:
+    return workers.make_shared(
+        os.path.join(run_dir, "app.sock"),
+        SHAREDSTATE_PERSIST_PATH=os.path.join(disk.mount, "state.db"),
+        SHAREDSTATE_FSYNC=fsync,
+    )
+
+
+def stop_and_remount(shared: SharedState, disk: FailingDisk) -> None:
+    pid = workers.server_pid(shared)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), timeout=10)
+    shared.state().backend.close()
+    disk.remount()
+
+
+def test_failed_fsync_in_always_mode_is_not_persisted(
+    run_dir: str, failing_disk: FailingDisk
+) -> None:
+    """fsync=always: a write whose fsync fails raises NotPersisted and is undone (a retried
+    incr counts once); once the disk keeps writes again, every acknowledged write is read
+    back from the disk itself after a restart."""
+    shared = on_disk(run_dir, failing_disk, "always")
+    for _ in range(5):
+        shared.incr("n")
+    shared.set("a", {"x": 1})
+    failing_disk.fill()
+    # Writes within the file's last block, which the disk keeps, still succeed.
+    first = refused_write(shared)
+    assert "nothing of this operation was written" in str(first)
+    before = shared.dict.copy()
+    assert before["n"] == 5
+    for _ in range(3):
+        with pytest.raises(NotPersisted, match="nothing of this operation was written"):
+            shared.incr("n")
+    with pytest.raises(NotPersisted):
+        shared.set_many({"a": 2, "b": 3})
+    assert shared.dict.copy() == before
+    failing_disk.free()
+    assert shared.incr("n") == 6
+    shared.set("b", [1, 2])
+    expected = shared.dict.copy()
+    stop_and_remount(shared, failing_disk)
+    assert shared.dict.copy() == expected
+    shared.state().backend.close()
+
+
+def test_failed_fsync_in_everysec_mode_stops_writes_until_rewritten(
+    run_dir: str, failing_disk: FailingDisk
+) -> None:
+    """fsync=everysec: writes acknowledged before a failed fsync cannot be taken back; the
+    server logs it, refuses writes (reads go on) until it has rewritten the whole state to
+    a synced file, and then nothing acknowledged is missing from the disk."""
+    shared = on_disk(run_dir, failing_disk, "everysec")
+    for i in range(5):
+        shared.set(f"k{i}", i)
+    failing_disk.fill()
+    acknowledged = 0
+    refused = None
+    deadline = time.monotonic() + 30
+    while refused is None and time.monotonic() < deadline:
+        try:
+            acknowledged = shared.incr("n")
+        except NotPersisted as exc:
+            refused = exc
+        time.sleep(0.01)
+    assert refused is not None, "writes were never refused after the fsync failed"
+    assert "fsync failed" in str(refused)
+    log = os.path.join(run_dir, "app.sock.log")
+    with open(log) as f:
+        assert "fsync failed" in f.read()
+    assert acknowledged >= 1  # some writes were acknowledged before the failed fsync
+    assert shared.get("n") == acknowledged  # reads go on
+    with pytest.raises(NotPersisted):
+        shared.incr("n")  # still refused: the disk is still full
+    failing_disk.free()
+    # The server rewrites the state (each second it tries) and takes writes again.
+    wait_for(lambda: incr_once(shared), timeout=30, interval=0.2)
+    acknowledged += 1
+    shared.set("after", "yes")
+    expected = shared.dict.copy()
+    assert expected["n"] == acknowledged
+    stop_and_remount(shared, failing_disk)
+    assert shared.dict.copy() == expected
+    shared.state().backend.close()
+
+
+def refused_write(shared: SharedState) -> NotPersisted:
+    """Write until a write is refused (at most a few blocks' worth); return the refusal."""
+    for i in range(1000):
+        try:
+            shared.set("page", i)
+        except NotPersisted as exc:
+            return exc
+    raise AssertionError("writes were never refused after the disk filled")
+
+
+def incr_once(shared: SharedState) -> bool:
+    try:
+        shared.incr("n")
+    except NotPersisted:
+        return False
+    return True
