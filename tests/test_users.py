@@ -72,7 +72,8 @@ def world_python() -> Iterator[str]:
     folder = tempfile.mkdtemp(prefix="fss-venv-", dir="/tmp")
     os.chmod(folder, 0o755)  # mkdtemp makes it 0700: nobody could not enter
     venv = os.path.join(folder, "venv")
-    pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet"]
+    python = os.path.join(venv, "bin", "python")
+    pip = [python, "-m", "pip", "install", "--quiet"]
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("flask", "gunicorn")]
     steps = [
         [SYSTEM_PYTHON, "-m", "venv", venv],
@@ -82,7 +83,9 @@ def world_python() -> Iterator[str]:
     try:
         for step in steps:
             try:
-                done = subprocess.run(step, capture_output=True, text=True, timeout=300)
+                done = subprocess.run(
+                    step, capture_output=True, text=True, timeout=300, umask=0o022
+                )  # whatever the caller's umask, every user must read the venv
             except subprocess.TimeoutExpired:
                 pytest.fail(f"building the test venv: {' '.join(step)} took over 300s")
             if done.returncode != 0:
@@ -91,18 +94,25 @@ def world_python() -> Iterator[str]:
                     f"{done.stdout[-2000:]}{done.stderr[-2000:]}\n(they need python3-venv"
                     " and PyPI, or a local index, for flask and gunicorn)"
                 )
-        yield os.path.join(venv, "bin", "python")
+        as_nobody = dict(user=NOBODY, group=NOGROUP, extra_groups=[], cwd="/")
+        check = [python, "-c", "import flask_sharedstate, gunicorn"]
+        done = subprocess.run(check, capture_output=True, text=True, timeout=60, **as_nobody)
+        if done.returncode != 0:
+            pytest.fail(f"nobody cannot use the test venv in {folder}:\n{done.stderr[-2000:]}")
+        yield python
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def site() -> Iterator[str]:
-    """A folder nobody can read (0755) holding the app; every server started in it is
+    """A folder (0755) holding the app, that the user nobody can read; every server started in it is
     killed afterwards."""
     folder = tempfile.mkdtemp(prefix="fss-site-", dir="/tmp")
     os.chmod(folder, 0o755)
-    with open(os.path.join(folder, "userapp.py"), "w") as f:
+    fd = os.open(os.path.join(folder, "userapp.py"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.fchmod(fd, 0o644)  # whatever the umask
+    with open(fd, "w") as f:
         f.write(APP)
     try:
         yield folder
