@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -226,13 +227,30 @@ def dump(file: str | None, fmt: str) -> None:
             raise click.ClickException("a pickle dump goes to a FILE, not the terminal")
         data = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
     if file is None:
-        click.get_binary_stream("stdout").write(data)
+        click.echo(data, nl=False)  # bytes go to the binary standard output
     else:
-        temporary = f"{file}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(data)
-        os.replace(temporary, file)
+        try:
+            _write_private(file, data)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {file}: {exc.strerror}") from None
         click.echo(f"dumped {len(snapshot['data'])} keys to {file}", err=True)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once, in a file born 0600 (the state may hold
+    secrets) under a name no one can guess (so no planted symlink is followed)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 @sharedstate.command()

@@ -229,6 +229,16 @@ def load_settings(app: Flask) -> Settings:
         if secret:
             if isinstance(secret, str):
                 secret = secret.encode()
+            if tcp is not None and len(secret) < MIN_REMOTE_KEY:
+                # Any local user can connect to a TCP port: one who guesses a weak
+                # SECRET_KEY ("dev") could run code in the server (requests are pickles).
+                raise ConfigError(
+                    f"SECRET_KEY is too short ({len(secret)} bytes) to derive the state"
+                    f" server's key for TCP (SHAREDSTATE_PORT = {tcp[1]}): set SHAREDSTATE_KEY"
+                    f" to at least {MIN_REMOTE_KEY} random bytes (python -c 'import secrets;"
+                    " print(secrets.token_hex(32))'), or use a SECRET_KEY that long, or unset"
+                    " SHAREDSTATE_PORT to use a unix socket in a private folder."
+                )
             key = hmac.new(secret, b"flask-sharedstate key", "sha256").digest()
         else:
             key = None

@@ -13,11 +13,18 @@ app's ``defaults`` once, and stop it as the last thing gunicorn does.
 The master must not import the app (that would be ``--preload`` behind the
 user's back, and ``kill -HUP`` would no longer load new code), so
 :func:`on_starting` loads it in a short-lived forked child.
+
+With gunicorn's ``user``/``group`` settings the master runs as root and the
+workers as that user, so the child first becomes the workers' user, as a
+worker does: the app is loaded, and the server started, with the workers'
+identity, and its folder, key, socket, lock, log, pid and persistence files
+are theirs. It runs with no supplementary groups but those of ``initgroups``.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import time
 import traceback
@@ -58,6 +65,21 @@ def start_server(app: Flask, owner: int | None = None) -> int:
     return backend.ensure_server(owner if owner is not None else os.getpid())
 
 
+def _become_workers_user(cfg: Any) -> None:
+    """Take the identity gunicorn gives its workers (its ``util.set_owner_process``)."""
+    uid, gid = cfg.uid, cfg.gid
+    if uid == os.geteuid() and gid == os.getegid():
+        return
+    if cfg.initgroups:
+        os.initgroups(pwd.getpwuid(uid).pw_name, gid)
+    else:
+        # gunicorn's workers keep the master's supplementary groups (root's); the
+        # state server needs none of them.
+        os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 def on_starting(server: Any) -> None:
     """Gunicorn hook: start the app's state server in the master's name."""
     master = os.getpid()
@@ -67,6 +89,7 @@ def on_starting(server: Any) -> None:
         os.close(read_end)
         status = 1
         try:
+            _become_workers_user(server.cfg)
             app = _find_flask_app(server.app.wsgi())
             os.write(write_end, f"{start_server(app, owner=master)} started".encode())
             status = 0

@@ -159,15 +159,8 @@ class ServerLauncher:
         package_root = os.path.dirname(os.path.dirname(__file__))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        log = os.fdopen(_open_private(settings.run_base + ".log", os.O_WRONLY | os.O_APPEND), "ab")
         ready_r, ready_w = os.pipe()
-        log = os.fdopen(
-            os.open(
-                settings.run_base + ".log",
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
-            ),
-            "ab",
-        )
         try:
             proc = subprocess.Popen(
                 [*command, "--ready-fd", str(ready_w)],
@@ -228,7 +221,13 @@ class ServerLauncher:
             return self._key
 
     def _private_folder(self) -> None:
-        folder = os.path.dirname(self.settings.run_base)
+        """Make sure the folder of the socket (or TCP) files exists and is this user's alone.
+
+        Another user who can write there could plant a symlink where the server
+        writes its pid file or log, or put up a socket of their own.
+        """
+        settings = self.settings
+        folder = os.path.dirname(settings.run_base)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -236,21 +235,55 @@ class ServerLauncher:
                 f"cannot create the folder {folder} for the state server's socket:"
                 f" {exc.strerror}. Set SHAREDSTATE_SOCKET to a path in a writable folder."
             ) from None
+        info = os.lstat(folder)
         if folder == runtime_dir():
-            info = os.lstat(folder)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
                 raise ConfigError(
                     f"{folder} must be a folder owned by this user with mode 0700, so that"
                     " no one else can reach the state server; remove it, or set"
                     " SHAREDSTATE_SOCKET to a path in a private folder."
                 )
+            return
+        if stat.S_ISLNK(info.st_mode):
+            problem = "is a symbolic link"
+        elif not stat.S_ISDIR(info.st_mode):
+            problem = "is not a folder"
+        elif info.st_uid != os.getuid():
+            problem = (
+                f"belongs to uid {info.st_uid}, not to this process's user (uid {os.getuid()})"
+            )
+        elif info.st_mode & 0o022:
+            problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+        else:
+            return
+        raise ConfigError(
+            f"SHAREDSTATE_SOCKET = {settings.socket_path!r} is not safe: its folder {folder}"
+            f" {problem}, so another user could plant files where the state server writes"
+            " its socket, key, pid file and log. Use a folder that only this user owns and"
+            f" can write (mkdir -m 0700 {folder}, as the user the app runs as), or unset"
+            " SHAREDSTATE_SOCKET to use the private default."
+        )
+
+
+def _open_private(path: str, flags: int) -> int:
+    """Open (creating it 0600) a file of the server's, never through a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SharedStateUnavailable(_cannot_open(path, exc)) from None
+
+
+def _cannot_open(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"{path} is a symbolic link, which the state server never follows; remove it."
+    return f"cannot open {path}: {exc.strerror}."
 
 
 def _read_or_create_key(path: str) -> bytes:
     """Read the key file, or create it (0600, atomically) with a random key."""
     for _ in range(50):
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb", opener=_no_symlink) as f:
                 info = os.fstat(f.fileno())
                 if info.st_uid != os.getuid() or info.st_mode & 0o077:
                     raise ConfigError(
@@ -262,6 +295,10 @@ def _read_or_create_key(path: str) -> bytes:
                 return key
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use the key file: {_cannot_open(path, exc)} Or set SHAREDSTATE_KEY."
+            ) from None
         temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -277,3 +314,7 @@ def _read_or_create_key(path: str) -> bytes:
         finally:
             os.unlink(temporary)
     raise SharedStateUnavailable(f"cannot read the key file {path}")
+
+
+def _no_symlink(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -169,3 +170,41 @@ def test_serve_in_the_foreground(run_dir: str) -> None:
         proc.stderr.close()
     assert "serving on" in log and "stopping: signal SIGTERM" in log
     wait_for(lambda: server_pids(run_dir) == [], timeout=5)
+
+
+def test_dump_file_is_private(cli_app: Flask, run_dir: str) -> None:
+    """dump creates FILE 0600 whatever the umask (the state may hold secrets), replaces an
+    older 0644 dump, follows no symlink planted at a guessable temporary name, leaves no
+    temporary file behind."""
+    victim = os.path.join(run_dir, "victim")
+    with open(victim, "wb") as f:
+        f.write(b"precious\n")
+    path = os.path.join(run_dir, "dumps", "dump.json")
+    os.mkdir(os.path.dirname(path))
+    os.symlink(victim, path + ".tmp")
+    old = os.umask(0o022)
+    try:
+        assert run(cli_app, "dump", path)[0] == 0
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        os.chmod(path, 0o644)
+        assert run(cli_app, "dump", path, "--format", "pickle")[0] == 0
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+    with open(victim, "rb") as f:
+        assert f.read() == b"precious\n"
+    assert sorted(os.listdir(os.path.dirname(path))) == ["dump.json", "dump.json.tmp"]
+    with open(path, "rb") as f:
+        assert pickle.load(f)["data"]["hits"] == 3
+
+
+def test_dump_to_standard_output(cli_app: Flask) -> None:
+    """dump without FILE writes the bytes to standard output, through no API that click
+    deprecates (warnings are errors here)."""
+    runner: FlaskCliRunner = cli_app.test_cli_runner()
+    result = runner.invoke(sharedstate, ["dump", "--format", "pickle"])
+    assert result.exit_code == 0, result.output
+    assert pickle.loads(result.stdout_bytes)["data"]["flags"] == {"shout": True}
+    result = runner.invoke(sharedstate, ["dump"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["hits"] == 3

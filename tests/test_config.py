@@ -85,3 +85,19 @@ def test_apps_get_distinct_default_sockets() -> None:
     a = one.extensions["sharedstate"].settings
     b = two.extensions["sharedstate"].settings
     assert a.socket_path != b.socket_path and a.namespace != b.namespace
+
+
+def test_tcp_refuses_a_key_derived_from_a_weak_secret_key() -> None:
+    """A SECRET_KEY under 16 bytes derives no key for TCP: ConfigError naming both keys."""
+    with pytest.raises(ConfigError, match="SECRET_KEY") as info:
+        init(SHAREDSTATE_PORT=7000, SECRET_KEY="dev")
+    message = str(info.value)
+    assert "SHAREDSTATE_KEY" in message and "secrets.token_hex" in message
+    assert "'dev'" not in message  # the secret itself is never shown
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        init(SHAREDSTATE_PORT=7000, SECRET_KEY=b"x" * 15)
+    # Long enough, an explicit key, or a unix socket in its private folder: accepted.
+    assert init(SHAREDSTATE_PORT=7000, SECRET_KEY="s" * 16).extensions["sharedstate"]
+    app = init(SHAREDSTATE_PORT=7000, SECRET_KEY="dev", SHAREDSTATE_KEY="k" * 16)
+    assert app.extensions["sharedstate"].settings.key == b"k" * 16
+    assert init(SECRET_KEY="dev").extensions["sharedstate"].settings.tcp is None

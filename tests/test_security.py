@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import stat
 import struct
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 import pytest
 
-from flask_sharedstate import AuthenticationError, ConfigError, SharedState
+from flask_sharedstate import AuthenticationError, ConfigError, SharedState, SharedStateUnavailable
 from flask_sharedstate.server import protocol
 
 import workers
-from conftest import make_app
+from conftest import kill_servers, make_app
 
 
 @pytest.fixture
@@ -202,3 +205,119 @@ def test_key_never_logged_or_shown(run_dir: str, socket_path: str) -> None:
         time.sleep(0.05)
     finally:
         shared.state().backend.close()
+
+
+NOBODY = 65534  # Debian's nobody and nogroup: a real second user
+
+
+def as_nobody(*command: str) -> None:
+    """Run ``command`` as the user nobody (the test runs as root)."""
+    subprocess.run(command, check=True, user=NOBODY, group=NOBODY, extra_groups=[], timeout=30)
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[str]:
+    """A folder every user may write, like /tmp (mode 1777); emptied afterwards."""
+    folder = tempfile.mkdtemp(prefix="fss-shared-", dir="/tmp")
+    os.chmod(folder, 0o1777)
+    try:
+        yield folder
+    finally:
+        kill_servers(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def precious_file(folder: str, name: str) -> str:
+    """A 0600 file of the app's user, for a planted symlink to aim at."""
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"precious\n")
+    os.close(fd)
+    return path
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting files as another user needs root")
+def test_socket_folder_of_another_user_is_refused(run_dir: str, shared_folder: str) -> None:
+    """A SHAREDSTATE_SOCKET folder that another user made, with .pid and .log symlinks
+    planted in it, is refused with a ConfigError, and the files they aim at are untouched."""
+    victim = precious_file(run_dir, "victim")
+    folder = os.path.join(shared_folder, "app")
+    as_nobody("mkdir", "-m", "0777", folder)
+    as_nobody("ln", "-s", victim, os.path.join(folder, "app.sock.pid"))
+    as_nobody("ln", "-s", victim, os.path.join(folder, "app.sock.log"))
+    shared = workers.make_shared(os.path.join(folder, "app.sock"), timeout=3.0)
+    try:
+        with pytest.raises(ConfigError, match="SHAREDSTATE_SOCKET") as info:
+            shared.set("k", 1)
+        assert f"{folder} belongs to uid {NOBODY}" in str(info.value)
+        assert "mkdir -m 0700" in str(info.value)
+    finally:
+        shared.state().backend.close()
+    assert read(victim) == b"precious\n"
+    assert sorted(os.listdir(folder)) == ["app.sock.log", "app.sock.pid"]
+
+
+@pytest.mark.parametrize(("mode", "problem"), [(0o777, "0777"), (0o1777, "1777"), (0o770, "0770")])
+def test_socket_folder_others_can_write_is_refused(run_dir: str, mode: int, problem: str) -> None:
+    """A SHAREDSTATE_SOCKET folder of this user that others can write (even with the
+    sticky bit, like /tmp) is refused: another user could plant files in it first."""
+    folder = os.path.join(run_dir, "open")
+    os.mkdir(folder)
+    os.chmod(folder, mode)
+    shared = workers.make_shared(os.path.join(folder, "app.sock"), timeout=3.0)
+    try:
+        with pytest.raises(ConfigError, match="SHAREDSTATE_SOCKET") as info:
+            shared.set("k", 1)
+        assert f"can be written by other users (mode {problem})" in str(info.value)
+    finally:
+        shared.state().backend.close()
+    assert os.listdir(folder) == []
+
+
+def test_socket_folder_that_is_a_symlink_is_refused(run_dir: str) -> None:
+    """A SHAREDSTATE_SOCKET folder that is a symbolic link is refused (whoever owns the
+    link decides where the server's files go)."""
+    os.mkdir(os.path.join(run_dir, "real"), 0o700)
+    os.symlink(os.path.join(run_dir, "real"), os.path.join(run_dir, "link"))
+    shared = workers.make_shared(os.path.join(run_dir, "link", "app.sock"), timeout=3.0)
+    try:
+        with pytest.raises(ConfigError, match="SHAREDSTATE_SOCKET.*symbolic link"):
+            shared.set("k", 1)
+    finally:
+        shared.state().backend.close()
+    assert os.listdir(os.path.join(run_dir, "real")) == []
+
+
+def test_private_socket_folder_of_this_user_works(run_dir: str) -> None:
+    """A SHAREDSTATE_SOCKET folder that only this user can write (0755 here) is accepted."""
+    folder = os.path.join(run_dir, "mine")
+    os.mkdir(folder, 0o755)
+    os.chmod(folder, 0o755)
+    shared = workers.make_shared(os.path.join(folder, "app.sock"), timeout=3.0)
+    try:
+        shared.set("k", 1)
+        assert shared.get("k") == 1
+    finally:
+        shared.state().backend.close()
+
+
+@pytest.mark.parametrize("suffix", [".pid", ".log", ".key"])
+def test_symlinks_beside_the_socket_are_not_followed(run_dir: str, suffix: str) -> None:
+    """A symbolic link where the server's pid, log or key file goes is never followed:
+    a clear error names it, and the file it aims at is untouched."""
+    victim = precious_file(run_dir, "victim")
+    socket_path = os.path.join(run_dir, "app.sock")
+    os.symlink(victim, socket_path + suffix)
+    shared = workers.make_shared(socket_path, timeout=3.0)
+    try:
+        with pytest.raises((ConfigError, SharedStateUnavailable), match="symbolic link") as info:
+            shared.set("k", 1)
+        assert socket_path + suffix in str(info.value)
+    finally:
+        shared.state().backend.close()
+    assert read(victim) == b"precious\n"

@@ -11,6 +11,7 @@ child but init's: its starter can exit, or be killed, without taking it along.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -127,14 +128,22 @@ def serve(
     if args.detach and os.fork() != 0:
         os._exit(0)  # the starter reaps this parent; the child serves on
 
-    server = StateServer(
-        listener,
-        key,
-        owner_pid=args.owner_pid,
-        owner_start=args.owner_start,
-        pid_file=args.pid_file,
-        store=store,
-    )
+    try:
+        server = StateServer(
+            listener,
+            key,
+            owner_pid=args.owner_pid,
+            owner_start=args.owner_start,
+            pid_file=args.pid_file,
+            store=store,
+        )
+    except OSError as exc:  # e.g. the pid file is a symlink, which is never followed
+        listener.close()
+        if args.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(args.unix)
+        say(f"error cannot start serving: {exc}")
+        return 2
     install_signal_handlers(server)
     log.info("serving on %s (owner %s)", args.unix or args.tcp, args.owner_pid)
     on_ready()

@@ -73,7 +73,8 @@ class StateServer:
         self._wake_r, self._wake_w = os.pipe()
         self.pid_file = pid_file
         if pid_file is not None:
-            with open(pid_file, "w") as f:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(pid_file, flags, 0o600), "w") as f:  # never through a symlink
                 f.write(f"{os.getpid()}\n")
         self._socket_path: str | None = None
         self._socket_inode: int | None = None
