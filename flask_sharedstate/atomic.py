@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .backends.base import Backend, check_key, pack
+from .backends.base import Backend, check_key, check_request, pack
 from .backends.base import unpack as _unpack
 from .operations import MISSING, Operations, check_delta, check_ttl
 from .server.protocol import KEEP_TTL
@@ -49,6 +49,7 @@ class Transaction(Operations):
         wanted = [check_key(k) for k in keys if k not in self._values]
         if not wanted:
             return
+        check_request("an atomic block's read", wanted)
         session_id, packed = self.backend.call("txn_read", wanted, self.timeout, self.session_id)
         self.session_id = session_id
         for key, value in zip(wanted, packed, strict=True):
@@ -179,6 +180,7 @@ class Transaction(Operations):
         """Write every change in one step and end the block."""
         try:
             writes = self._writes()
+            check_request("the atomic block", writes)
         except BaseException:
             self.abort()
             raise

@@ -17,10 +17,10 @@ from typing import Any, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 
 from .atomic import Transaction
-from .backends.base import Backend, check_key, pack
+from .backends.base import Backend, check_key, check_request, pack
 from .config import Settings, load_settings
 from .errors import LockTimeout, SharedStateError
-from .operations import MISSING, Direct, Operations
+from .operations import MISSING, Direct, Operations, check_timeout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,6 +102,7 @@ class SharedState:
             )
         settings = load_settings(app)
         packed = [(check_key(k), pack(k, v)) for k, v in (defaults or {}).items()]
+        check_request("defaults=", packed)
         backend = _make_backend(settings)
         if packed:
             backend.set_defaults(packed)
@@ -227,8 +228,12 @@ class SharedState:
         deletes and ``incr`` are written together when the block exits, and
         dropped when it raises. Nested blocks join the outer one.
 
-        :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``).
+        :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``),
+            from 0 to :data:`~flask_sharedstate.operations.MAX_TIMEOUT`.
         :raises LockTimeout: waited longer than ``timeout``.
+        :raises ValueError: ``timeout`` is not such a number; nothing was sent.
+        :raises AtomicBlockLost: the block lost its claims (connection or lease
+            lost); nothing of it was written.
         """
         block = _Atomic(self, timeout)
         if func is not None:
@@ -255,13 +260,13 @@ class _Atomic:
     def __enter__(self) -> _Atomic:
         state = self._shared.state()
         stack: list[Any] = self._opened.__dict__.setdefault("stack", [])
-        if state.transaction.get() is not None:
+        timeout = self._timeout if self._timeout is not None else state.settings.timeout
+        timeout = check_timeout("atomic(timeout=...)", timeout)
+        outer = state.transaction.get()
+        if outer is not None:
             stack.append(None)  # joins the outer block
             return self
-        timeout = self._timeout if self._timeout is not None else state.settings.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f"atomic(timeout=...) must be a number of seconds, not {timeout!r}")
-        txn = Transaction(state.backend, float(timeout))
+        txn = Transaction(state.backend, timeout)
         stack.append((state, txn, state.transaction.set(txn)))
         return self
 

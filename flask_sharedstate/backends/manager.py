@@ -271,7 +271,7 @@ class ManagerBackend(Backend):
         try:
             if link.cooperative and not select.select([fd], [], [], wait)[0]:
                 raise BlockingIOError
-            return protocol.loads(protocol.read_message(fd))
+            return protocol.read_reply(fd)  # joins a large reply's parts
         except BlockingIOError:
             self._drop(link)
             raise SharedStateUnavailable(

@@ -26,7 +26,7 @@ from typing import Any
 
 from .catalogue import OPERATIONS as CATALOGUE
 from .persistence import Journal, Record
-from .protocol import KEEP_TTL
+from .protocol import KEEP_TTL, MAX_SECONDS
 
 Value = int | float | bytes
 Clock = Callable[[], float]
@@ -170,10 +170,13 @@ def _check_key(key: object) -> str:
 
 
 def _check_ttl(ttl: object) -> float | None:
+    """As ``operations.check_ttl`` (which clients apply first): None, or 0 < ttl <= MAX_SECONDS."""
     if ttl is None:
         return None
-    if type(ttl) not in (int, float) or not ttl > 0:  # type: ignore[operator]
-        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    if type(ttl) not in (int, float) or not 0 < ttl <= MAX_SECONDS:  # type: ignore[operator]
+        raise ValueError(
+            f"ttl must be seconds above 0 and at most {MAX_SECONDS:g}, or None, not {ttl!r}"
+        )
     return float(ttl)  # type: ignore[arg-type]
 
 
