@@ -226,7 +226,10 @@ class SharedState:
 
         Values read inside are the block's own; their nested edits, writes,
         deletes and ``incr`` are written together when the block exits, and
-        dropped when it raises. Nested blocks join the outer one.
+        dropped when it raises. Nested blocks join the outer one as
+        savepoints: a nested block that raises undoes its own changes (the
+        keys it read stay claimed), and the outer block goes on with what it
+        had before the nested one began.
 
         :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``),
             from 0 to :data:`~flask_sharedstate.operations.MAX_TIMEOUT`.
@@ -264,7 +267,8 @@ class _Atomic:
         timeout = check_timeout("atomic(timeout=...)", timeout)
         outer = state.transaction.get()
         if outer is not None:
-            stack.append(None)  # joins the outer block
+            # Joins the outer block, as a savepoint it goes back to if this one raises.
+            stack.append((None, outer, outer.savepoint()))
             return self
         txn = Transaction(state.backend, timeout)
         stack.append((state, txn, state.transaction.set(txn)))
@@ -272,7 +276,10 @@ class _Atomic:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         entry = self._opened.stack.pop()
-        if entry is None:
+        if entry[0] is None:
+            _, outer, savepoint = entry
+            if exc_type is not None:
+                outer.rollback(savepoint)
             return
         state, txn, token = entry
         state.transaction.reset(token)

@@ -1,4 +1,5 @@
-"""Limits on what one call may carry (message size, timeouts, ttls), and large results."""
+"""Limits on what one call may carry (message size, timeouts, ttls), large results,
+and savepoints of nested atomic blocks."""
 
 from __future__ import annotations
 
@@ -163,3 +164,54 @@ def test_bad_call_keeps_the_locks_held(run_dir: str, backend_name: str) -> None:
         finally:
             lock.release()  # raises if the connection (and the lock with it) was dropped
         app.extensions["sharedstate"].backend.close()
+
+
+# -- savepoints -----------------------------------------------------------------------
+
+
+def test_inner_block_that_raises_rolls_back_to_its_start(shared: SharedState) -> None:
+    """An inner atomic block that raises drops its own writes; the outer block goes on."""
+    shared.dict.update(cart=["apple"], n=1, keep="me", doc={"a": [1]})
+    with shared.atomic():
+        cart = shared.dict["cart"]
+        cart.append("pear")
+        shared.dict["outer"] = 1
+        with pytest.raises(ZeroDivisionError):
+            with shared.atomic():
+                cart.append("plum")
+                shared.dict["doc"]["a"].append(2)
+                shared.dict["inner"] = 1
+                del shared.dict["keep"]
+                shared.incr("n", 5)
+                shared.dict["outer"] = 2
+                shared.expire("cart", 60)
+                raise ZeroDivisionError
+        assert shared.dict["cart"] == ["apple", "pear"]
+        assert cart == ["apple", "pear"]  # restored in place: the outer's own list
+        assert shared.dict["doc"] == {"a": [1]}
+        assert "inner" not in shared.dict and shared.dict["keep"] == "me"
+        assert shared.dict["n"] == 1 and shared.dict["outer"] == 1
+        cart.append("fig")
+        shared.incr("n")
+    assert shared.dict.copy() == {
+        "cart": ["apple", "pear", "fig"],
+        "n": 2,
+        "keep": "me",
+        "doc": {"a": [1]},
+        "outer": 1,
+    }
+    assert shared.ttl("cart") is None
+
+
+def test_inner_block_that_succeeds_keeps_its_writes(shared: SharedState) -> None:
+    """An inner block that exits normally keeps its writes, even if a later one raises."""
+    with shared.atomic():
+        with shared.atomic():
+            shared.dict["first"] = 1
+        with pytest.raises(KeyError):
+            with shared.atomic():
+                shared.dict["second"] = 2
+                with shared.atomic():
+                    shared.dict["third"] = 3
+                raise KeyError("x")
+    assert shared.dict.copy() == {"first": 1}
