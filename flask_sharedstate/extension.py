@@ -79,7 +79,6 @@ class SharedState:
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):
         self._app: Flask | None = None
-        self._faces = threading.local()
         self.dict: SharedDict = SharedDict(self)
         self.lock: GlobalLock = GlobalLock(self)
         if app is not None:
@@ -107,6 +106,20 @@ class SharedState:
         if packed:
             backend.set_defaults(packed)
         app.extensions["sharedstate"] = AppState(settings, backend)
+
+    def __repr__(self) -> str:
+        if has_app_context():
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        else:
+            app = self._app
+        state = None if app is None else app.extensions.get("sharedstate")
+        if state is None:
+            return f"<{type(self).__name__} (no app)>"
+        backend = state.backend
+        return (
+            f"<{type(self).__name__} app={app.name!r} backend={backend.name}"
+            f" address={backend.address} namespace={state.settings.namespace!r}>"
+        )
 
     # -- finding the app's state ----------------------------------------------------
 

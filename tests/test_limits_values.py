@@ -1,11 +1,13 @@
 """Limits on what one call may carry (message size, timeouts, ttls), large results,
-and savepoints of nested atomic blocks."""
+savepoints of nested atomic blocks, and the shape of lost-block errors and the repr."""
 
 from __future__ import annotations
 
 import fcntl
 import math
+import os
 import pickle
+import signal
 import socket
 import struct
 import termios
@@ -16,13 +18,13 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskCliRunner
 
-from flask_sharedstate import SharedState
+from flask_sharedstate import AtomicBlockLost, SharedState
 from flask_sharedstate.cli import sharedstate
 from flask_sharedstate.operations import MAX_TIMEOUT, MAX_TTL, check_ttl
 from flask_sharedstate.server import protocol, store
 from flask_sharedstate.server.protocol import MAX_MESSAGE
 
-from conftest import make_app, wait_for
+from conftest import make_app, pid_alive, wait_for
 
 MiB = 1024 * 1024
 
@@ -215,3 +217,56 @@ def test_inner_block_that_succeeds_keeps_its_writes(shared: SharedState) -> None
                     shared.dict["third"] = 3
                 raise KeyError("x")
     assert shared.dict.copy() == {"first": 1}
+
+
+# -- shape ------------------------------------------------------------------------------
+
+
+def test_lost_block_raises_atomic_block_lost_on_the_manager(run_dir: str) -> None:
+    """A block whose state server was replaced mid-block raises AtomicBlockLost."""
+    app = make_app("manager", run_dir, SHAREDSTATE_TIMEOUT=3.0)
+    shared = SharedState(app)
+    backend = app.extensions["sharedstate"].backend
+    with app.app_context():
+        shared.dict["a"] = 1
+        try:
+            with pytest.raises(AtomicBlockLost, match="nothing of it was written"):
+                with shared.atomic():
+                    shared.dict["a"] += 1
+                    pid = backend.server_pid()
+                    os.kill(pid, signal.SIGKILL)
+                    wait_for(lambda: not pid_alive(pid), timeout=10)
+                    # A read (sent again after a lost reply) moves this thread to a new
+                    # server; the block's next read finds its claim gone.
+                    assert backend.call("get", "c") is None
+                    assert backend.server_pid() != pid
+                    shared.dict.get("b")
+        finally:
+            backend.close()
+
+
+def test_lost_block_raises_atomic_block_lost_on_redis(redis_url: str, run_dir: str) -> None:
+    """A block whose lease ran out raises AtomicBlockLost at commit, writing nothing."""
+    import time
+
+    app = make_app("redis", run_dir, SHAREDSTATE_TIMEOUT=3.0, SHAREDSTATE_LEASE=1.0)
+    shared = SharedState(app)
+    with app.app_context():
+        shared.dict["a"] = 1
+        with pytest.raises(AtomicBlockLost, match="nothing of it was written"):
+            with shared.atomic():
+                shared.dict["a"] += 1
+                time.sleep(2.5)  # past the 1 s lease: the claim expires in Redis
+        assert shared.dict["a"] == 1
+
+
+def test_repr_says_what_it_is_bound_to(run_dir: str) -> None:
+    """repr(SharedState) names the app, backend and address, and never the key."""
+    key = "k" * 32
+    app = make_app("manager", run_dir, name="repr_app", SHAREDSTATE_KEY=key)
+    shared = SharedState(app)
+    text = repr(shared)
+    assert text.startswith("<SharedState app='repr_app' backend=manager address=")
+    assert os.path.join(run_dir, "repr_app.sock") in text
+    assert key not in text
+    assert repr(SharedState()) == "<SharedState (no app)>"

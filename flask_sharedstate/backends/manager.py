@@ -41,6 +41,7 @@ from typing import Any
 
 from ..config import Settings, runtime_dir
 from ..errors import (
+    AtomicBlockLost,
     AuthenticationError,
     ConfigError,
     LockTimeout,
@@ -56,6 +57,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "ValueError": ValueError,
     "RuntimeError": RuntimeError,
     "LockTimeout": LockTimeout,
+    "AtomicBlockLost": AtomicBlockLost,
 }
 
 # Bumped in every forked child: connections of an older generation are the parent's.

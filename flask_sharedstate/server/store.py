@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import AtomicBlockLost
 from .catalogue import OPERATIONS as CATALOGUE
 from .persistence import Journal, Record
 from .protocol import KEEP_TTL, MAX_SECONDS
@@ -453,9 +454,10 @@ class Session:
 
     def _check_block(self, session_id: int | None) -> None:
         if session_id is not None and (session_id != self.id or self.space.txn_owner is not self):
-            raise RuntimeError(
+            raise AtomicBlockLost(
                 "the atomic block lost its connection to the state server, and with it"
-                " its claim on the keys it read; nothing of it was written"
+                " its claim on the keys it read; nothing of it was written. Run the block"
+                " again."
             )
 
     def txn_read(
