@@ -12,6 +12,10 @@ block never has to run twice.
 The store's session id, returned by the first read, goes with every later
 read and the commit: a block whose connection was replaced in between (the
 server restarted, say) fails instead of committing without its claims.
+
+A nested block is a *savepoint* of the outer one: if it raises, the block's
+values and ttls go back to what they were when it began (its reads and
+claims stay), and the outer block goes on from there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .backends.base import Backend, check_key, pack
+from .backends.base import Backend, check_key, check_request, pack
 from .backends.base import unpack as _unpack
 from .operations import MISSING, Operations, check_delta, check_ttl
 from .server.protocol import KEEP_TTL
@@ -27,6 +31,18 @@ from .server.protocol import KEEP_TTL
 
 def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
+
+
+#: What a savepoint keeps: key -> (the value object, its pickle or MISSING), and the ttls.
+Savepoint = tuple[dict[str, tuple[Any, Any]], dict[str, Any]]
+
+
+def _pickled(key: str, value: Any) -> Any:
+    """The value's pickle now, or None if it has become one that cannot be stored."""
+    try:
+        return pack(key, value)
+    except (TypeError, ValueError):
+        return None
 
 
 class Transaction(Operations):
@@ -49,6 +65,7 @@ class Transaction(Operations):
         wanted = [check_key(k) for k in keys if k not in self._values]
         if not wanted:
             return
+        check_request("an atomic block's read", wanted)
         session_id, packed = self.backend.call("txn_read", wanted, self.timeout, self.session_id)
         self.session_id = session_id
         for key, value in zip(wanted, packed, strict=True):
@@ -159,6 +176,49 @@ class Transaction(Operations):
         for key in keys:
             self._write(key, MISSING, None)
 
+    # -- savepoints ----------------------------------------------------------------
+
+    def savepoint(self) -> Savepoint:
+        """What the block holds now, for :meth:`rollback` (a nested block begins).
+
+        Raises TypeError or ValueError, naming the key, for a value the block
+        could not commit anyway.
+        """
+        values = {
+            key: (value, MISSING if value is MISSING else pack(key, value))
+            for key, value in self._values.items()
+        }
+        return values, dict(self._ttls)
+
+    def rollback(self, savepoint: Savepoint) -> None:
+        """Go back to ``savepoint`` (a nested block raised); keys read since stay claimed.
+
+        A list, dict or set the block held then is restored in place, so the
+        outer block's own references to it stay good; another value changed
+        in place is replaced by a copy of what it was.
+        """
+        values, ttls = savepoint
+        for key in list(self._values):
+            if key not in values:  # first read or written in the nested block
+                if key in self._original:
+                    original = self._original[key]
+                    self._values[key] = MISSING if original is None else _unpack(original)
+                else:
+                    del self._values[key]
+                continue
+            value, packed = values[key]
+            if packed is not MISSING and _pickled(key, value) != packed:
+                before = _unpack(packed)
+                if type(value) is list:
+                    value[:] = before
+                elif type(value) in (dict, set):
+                    value.clear()
+                    value.update(before)
+                else:
+                    value = before
+            self._values[key] = value
+        self._ttls = ttls
+
     # -- ending ----------------------------------------------------------------------
 
     def _writes(self) -> list[tuple[str, Any, Any]]:
@@ -179,6 +239,7 @@ class Transaction(Operations):
         """Write every change in one step and end the block."""
         try:
             writes = self._writes()
+            check_request("the atomic block", writes)
         except BaseException:
             self.abort()
             raise

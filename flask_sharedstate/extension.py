@@ -17,10 +17,10 @@ from typing import Any, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 
 from .atomic import Transaction
-from .backends.base import Backend, check_key, pack
+from .backends.base import Backend, check_key, check_request, pack
 from .config import Settings, load_settings
 from .errors import LockTimeout, SharedStateError
-from .operations import MISSING, Direct, Operations
+from .operations import MISSING, Direct, Operations, check_timeout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,7 +79,6 @@ class SharedState:
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):
         self._app: Flask | None = None
-        self._faces = threading.local()
         self.dict: SharedDict = SharedDict(self)
         self.lock: GlobalLock = GlobalLock(self)
         if app is not None:
@@ -102,10 +101,25 @@ class SharedState:
             )
         settings = load_settings(app)
         packed = [(check_key(k), pack(k, v)) for k, v in (defaults or {}).items()]
+        check_request("defaults=", packed)
         backend = _make_backend(settings)
         if packed:
             backend.set_defaults(packed)
         app.extensions["sharedstate"] = AppState(settings, backend)
+
+    def __repr__(self) -> str:
+        if has_app_context():
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        else:
+            app = self._app
+        state = None if app is None else app.extensions.get("sharedstate")
+        if state is None:
+            return f"<{type(self).__name__} (no app)>"
+        backend = state.backend
+        return (
+            f"<{type(self).__name__} app={app.name!r} backend={backend.name}"
+            f" address={backend.address} namespace={state.settings.namespace!r}>"
+        )
 
     # -- finding the app's state ----------------------------------------------------
 
@@ -225,10 +239,17 @@ class SharedState:
 
         Values read inside are the block's own; their nested edits, writes,
         deletes and ``incr`` are written together when the block exits, and
-        dropped when it raises. Nested blocks join the outer one.
+        dropped when it raises. Nested blocks join the outer one as
+        savepoints: a nested block that raises undoes its own changes (the
+        keys it read stay claimed), and the outer block goes on with what it
+        had before the nested one began.
 
-        :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``).
+        :param timeout: seconds to wait for other blocks (default ``SHAREDSTATE_TIMEOUT``),
+            from 0 to :data:`~flask_sharedstate.operations.MAX_TIMEOUT`.
         :raises LockTimeout: waited longer than ``timeout``.
+        :raises ValueError: ``timeout`` is not such a number; nothing was sent.
+        :raises AtomicBlockLost: the block lost its claims (connection or lease
+            lost); nothing of it was written.
         """
         block = _Atomic(self, timeout)
         if func is not None:
@@ -255,19 +276,23 @@ class _Atomic:
     def __enter__(self) -> _Atomic:
         state = self._shared.state()
         stack: list[Any] = self._opened.__dict__.setdefault("stack", [])
-        if state.transaction.get() is not None:
-            stack.append(None)  # joins the outer block
-            return self
         timeout = self._timeout if self._timeout is not None else state.settings.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f"atomic(timeout=...) must be a number of seconds, not {timeout!r}")
-        txn = Transaction(state.backend, float(timeout))
+        timeout = check_timeout("atomic(timeout=...)", timeout)
+        outer = state.transaction.get()
+        if outer is not None:
+            # Joins the outer block, as a savepoint it goes back to if this one raises.
+            stack.append((None, outer, outer.savepoint()))
+            return self
+        txn = Transaction(state.backend, timeout)
         stack.append((state, txn, state.transaction.set(txn)))
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         entry = self._opened.stack.pop()
-        if entry is None:
+        if entry[0] is None:
+            _, outer, savepoint = entry
+            if exc_type is not None:
+                outer.rollback(savepoint)
             return
         state, txn, token = entry
         state.transaction.reset(token)

@@ -12,7 +12,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .backends.base import Backend, check_key, pack, unpack
+from .backends.base import Backend, check_key, check_request, pack, unpack
+from .server.protocol import MAX_SECONDS
+
+#: The longest ``ttl`` a key may be given, in seconds.
+MAX_TTL = MAX_SECONDS
+
+#: The longest ``timeout`` a lock or atomic block may wait, in seconds.
+MAX_TIMEOUT = MAX_SECONDS
 
 
 class _Missing:
@@ -27,11 +34,38 @@ MISSING: Any = _Missing()
 
 
 def check_ttl(ttl: object) -> float | None:
+    """A ttl every backend can hold: None (no expiry), or seconds above 0, at most MAX_TTL.
+
+    Every face applies it before any backend call (the store applies the same
+    rule), so ``inf`` or ``1e300`` fail alike everywhere, before anything is sent.
+    """
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+        raise ValueError(
+            f"ttl must be a number of seconds above 0 and at most {MAX_TTL:g} (about"
+            f" 31 years), or None for no expiry; not {ttl!r}"
+        )
     return float(ttl)
+
+
+def check_timeout(what: str, timeout: object) -> float:
+    """A wait every backend can bound: seconds from 0 to MAX_TIMEOUT; ValueError naming ``what``.
+
+    Checked before anything is sent: a timeout the client cannot turn into a
+    socket bound (``inf``, ``1e300``) would otherwise fail mid-request and drop
+    the connection, and with it every lock the thread holds.
+    """
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 <= timeout <= MAX_TIMEOUT
+    ):
+        raise ValueError(
+            f"{what} must be a number of seconds from 0 to {MAX_TIMEOUT:g} (about 31"
+            f" years), not {timeout!r}"
+        )
+    return float(timeout)
 
 
 def check_delta(delta: object) -> int | float:
@@ -87,57 +121,61 @@ class Direct(Operations):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
+    def _call(self, op: str, *args: Any) -> Any:
+        check_request(f"{op}()", args)
+        return self.backend.call(op, *args)
+
     def get(self, key: str) -> Any:
-        return _unpack_or_missing(self.backend.call("get", check_key(key)))
+        return _unpack_or_missing(self._call("get", check_key(key)))
 
     def get_many(self, keys: Iterable[str]) -> list[Any]:
         keys = [check_key(k) for k in keys]
-        return [_unpack_or_missing(p) for p in self.backend.call("get_many", keys)]
+        return [_unpack_or_missing(p) for p in self._call("get_many", keys)]
 
     def contains(self, key: str) -> bool:
-        return bool(self.backend.call("contains", check_key(key)))
+        return bool(self._call("contains", check_key(key)))
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         packed = pack(check_key(key), value)
-        self.backend.call("set", key, packed, check_ttl(ttl))
+        self._call("set", key, packed, check_ttl(ttl))
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None = None) -> None:
         packed = [(check_key(k), pack(k, v)) for k, v in items.items()]
-        self.backend.call("set_many", packed, check_ttl(ttl))
+        self._call("set_many", packed, check_ttl(ttl))
 
     def delete(self, key: str) -> bool:
-        return bool(self.backend.call("delete", check_key(key)))
+        return bool(self._call("delete", check_key(key)))
 
     def pop(self, key: str) -> Any:
-        return _unpack_or_missing(self.backend.call("pop", check_key(key)))
+        return _unpack_or_missing(self._call("pop", check_key(key)))
 
     def setdefault(self, key: str, value: Any, ttl: float | None = None) -> Any:
         packed = pack(check_key(key), value)
-        return unpack(self.backend.call("setdefault", key, packed, check_ttl(ttl)))
+        return unpack(self._call("setdefault", key, packed, check_ttl(ttl)))
 
     def incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> int | float:
-        return self.backend.call(  # type: ignore[no-any-return]
+        return self._call(  # type: ignore[no-any-return]
             "incr", check_key(key), check_delta(delta), check_ttl(ttl)
         )
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         check_key(key)
-        return bool(self.backend.call("compare_and_set", key, pack(key, expected), pack(key, new)))
+        return bool(self._call("compare_and_set", key, pack(key, expected), pack(key, new)))
 
     def expire(self, key: str, seconds: float | None) -> bool:
-        return bool(self.backend.call("expire", check_key(key), check_ttl(seconds)))
+        return bool(self._call("expire", check_key(key), check_ttl(seconds)))
 
     def ttl(self, key: str) -> float | None:
-        return self.backend.call("ttl", check_key(key))  # type: ignore[no-any-return]
+        return self._call("ttl", check_key(key))  # type: ignore[no-any-return]
 
     def length(self) -> int:
-        return int(self.backend.call("length"))
+        return int(self._call("length"))
 
     def keys(self) -> list[str]:
-        return list(self.backend.call("keys"))
+        return list(self._call("keys"))
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(k, unpack(v)) for k, v in self.backend.call("items")]
+        return [(k, unpack(v)) for k, v in self._call("items")]
 
     def clear(self) -> None:
-        self.backend.call("clear")
+        self._call("clear")

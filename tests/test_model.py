@@ -2,7 +2,8 @@
 
 Hypothesis drives each backend with the same steps as a Python dict model; after
 every step the shared state must equal the model. Atomic blocks apply their steps
-to a copy of the model that is kept only when the block commits.
+to a copy of the model that is kept only when the block commits; a nested block
+works on a copy of the outer one's, kept only if it does not raise (a savepoint).
 """
 
 from __future__ import annotations
@@ -73,6 +74,21 @@ def apply(step: tuple[Any, ...], state: Any, shared: SharedState | None) -> None
         target.setdefault(key, step[2])
 
 
+def apply_all(steps: list[tuple[Any, ...]], state: Any, shared: SharedState | None) -> None:
+    """Apply each step, going on past the ones that fail (as a block's code would).
+
+    The model gets copies: a list it stores and then appends to must not change the
+    step that the backend is given next.
+    """
+    if shared is None:
+        steps = copy.deepcopy(steps)
+    for step in steps:
+        try:
+            apply(step, state, shared)
+        except Error:
+            pass
+
+
 ATOMIC_MODEL = [False]
 
 
@@ -102,11 +118,7 @@ class SharedDictMachine(RuleBasedStateMachine):
         draft = copy.deepcopy(self.model)
         ATOMIC_MODEL[0] = True
         try:
-            for step in steps:
-                try:
-                    apply(step, draft, None)
-                except Error:
-                    pass
+            apply_all(steps, draft, None)
         finally:
             ATOMIC_MODEL[0] = False
         try:
@@ -122,6 +134,37 @@ class SharedDictMachine(RuleBasedStateMachine):
             pass
         if not fail:
             self.model = draft
+
+    @rule(outer=STEPS, inner=STEPS, after=STEPS, inner_fails=st.booleans())
+    def nested_blocks(
+        self,
+        outer: list[tuple[Any, ...]],
+        inner: list[tuple[Any, ...]],
+        after: list[tuple[Any, ...]],
+        inner_fails: bool,
+    ) -> None:
+        draft = copy.deepcopy(self.model)
+        ATOMIC_MODEL[0] = True
+        try:
+            apply_all(outer, draft, None)
+            nested = copy.deepcopy(draft)  # the savepoint
+            apply_all(inner, nested, None)
+            if not inner_fails:
+                draft = nested
+            apply_all(after, draft, None)
+        finally:
+            ATOMIC_MODEL[0] = False
+        with self.shared.atomic():
+            apply_all(outer, None, self.shared)
+            try:
+                with self.shared.atomic():
+                    apply_all(inner, None, self.shared)
+                    if inner_fails:
+                        raise Error
+            except Error:
+                pass
+            apply_all(after, None, self.shared)
+        self.model = draft
 
     @invariant()
     def same_as_the_model(self) -> None:

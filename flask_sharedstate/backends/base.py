@@ -24,6 +24,13 @@ Packed = int | float | bytes
 #: A value may use at most this much of a message.
 MAX_VALUE = MAX_MESSAGE - 64 * 1024
 
+#: A request's keys and values together may use at most this much of a message; the
+#: rest is room for the operation's name and its other arguments (a few dozen bytes).
+MAX_REQUEST = MAX_MESSAGE - 4096
+
+#: More than pickle adds around one key, value, ttl or tuple of them (opcodes, lengths).
+_OVERHEAD = 32
+
 
 def check_key(key: object) -> str:
     if type(key) is not str:
@@ -52,6 +59,59 @@ def pack(key: str, value: object) -> Packed:
             f" {MAX_VALUE} a value may take. Nothing was written."
         )
     return blob
+
+
+def _size_bound(payload: Any) -> int:
+    """At least the size of ``payload`` pickled: keys, packed values, ttls and lists of them."""
+    kind = type(payload)
+    if kind is bytes:
+        return len(payload) + _OVERHEAD
+    if kind is str:
+        return 4 * len(payload) + _OVERHEAD  # UTF-8 takes at most 4 bytes a character
+    if kind is int:
+        return int(payload.bit_length()) // 8 + _OVERHEAD
+    if kind is not list and kind is not tuple:
+        return _OVERHEAD  # float, None, KEEP_TTL
+    # Runs on every call: count the common shapes (keys, values, (key, value, ttl)
+    # tuples) without a call per item.
+    total = _OVERHEAD * (len(payload) + 1)
+    for item in payload:
+        kind = type(item)
+        if kind is tuple:
+            for part in item:
+                kind = type(part)
+                if kind is bytes:
+                    total += len(part) + _OVERHEAD
+                elif kind is str:
+                    total += 4 * len(part) + _OVERHEAD
+                elif kind is not float and part is not None:
+                    total += _size_bound(part)
+        elif kind is bytes:
+            total += len(item)
+        elif kind is str:
+            total += 4 * len(item)
+        elif kind is not float and item is not None:
+            total += _size_bound(item)
+    return total
+
+
+def check_request(what: str, payload: Any) -> None:
+    """Refuse, before anything is sent, a request whose keys and values are over the limit.
+
+    The state server closes the connection on a message over
+    :data:`~flask_sharedstate.server.protocol.MAX_MESSAGE` (and with it the
+    thread's locks), so every backend refuses such a request alike. The bound
+    is cheap; only a request near the limit is pickled to measure it exactly.
+    """
+    if _size_bound(payload) <= MAX_REQUEST:
+        return
+    size = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    if size > MAX_REQUEST:
+        raise ValueError(
+            f"{what}: its keys and values are {size} bytes pickled, more than one request"
+            f" may carry ({MAX_REQUEST} bytes: messages are at most {MAX_MESSAGE // 2**20}"
+            " MiB). Split it into smaller calls (or atomic blocks). Nothing was written."
+        )
 
 
 def unpack(packed: Packed) -> Any:

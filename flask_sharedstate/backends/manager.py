@@ -29,6 +29,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import (
+    AtomicBlockLost,
     AuthenticationError,
     LockTimeout,
     NotPersisted,
@@ -45,6 +46,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "RuntimeError": RuntimeError,
     "LockTimeout": LockTimeout,
     "NotPersisted": NotPersisted,
+    "AtomicBlockLost": AtomicBlockLost,
 }
 
 # Bumped in every forked child: connections of an older generation are the parent's.
@@ -209,7 +211,7 @@ class ManagerBackend(Backend):
         try:
             if link.cooperative and not select.select([fd], [], [], wait)[0]:
                 raise BlockingIOError
-            return protocol.loads(protocol.read_message(fd))
+            return protocol.read_reply(fd)  # joins a large reply's parts
         except BlockingIOError:
             self._drop(link)
             raise SharedStateUnavailable(

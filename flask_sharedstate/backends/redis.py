@@ -521,9 +521,12 @@ def _sha1(script: str) -> str:
 
 
 def _lost() -> RuntimeError:
-    return RuntimeError(
+    from ..errors import AtomicBlockLost  # (a RuntimeError, as this was before)
+
+    return AtomicBlockLost(
         "the atomic block lost its claim on the keys it read (its lease ran out:"
-        " SHAREDSTATE_LEASE, or Redis restarted); nothing of it was written"
+        " SHAREDSTATE_LEASE, or Redis restarted); nothing of it was written. Run the"
+        " block again, or raise SHAREDSTATE_LEASE above the block's running time."
     )
 
 

@@ -258,7 +258,7 @@ class StateServer:
         fd = conn.fileno()
         read, write, loads, dumps = (
             protocol.read_message,
-            protocol.write_message,
+            protocol.write_reply,  # a reply over MAX_MESSAGE goes in parts
             protocol.loads,
             protocol.dumps,
         )

@@ -7,7 +7,13 @@ in both directions; no pickle is read before it succeeds. Then:
 
 * the client sends ``("hello", PROTOCOL_VERSION, namespace, wait_timeout)``;
 * each request is a pickled tuple ``(op, *args)``, each reply
-  ``(True, result)`` or ``(False, error_name, message)``.
+  ``(True, result)`` or ``(False, error_name, message)``;
+* a reply whose pickle is over :data:`MAX_MESSAGE` (``items`` of a large
+  namespace, say) goes in parts: ``("parts", count, size, first_part)``,
+  then ``count - 1`` messages, whose bodies, joined after ``first_part``,
+  are that pickle. The server takes the result in one atomic step; only its
+  sending is split. A request has no such form: the client refuses one over
+  the limit before sending it.
 
 Values travel as stored: ``int`` and ``float`` as themselves (so the server
 can increment them), everything else as a pickled ``bytes`` blob that the
@@ -27,10 +33,23 @@ from multiprocessing.connection import (
 )
 from typing import Any
 
-PROTOCOL_VERSION = 1
+#: 2: replies over MAX_MESSAGE come in parts (a version-1 client would misread them).
+PROTOCOL_VERSION = 2
 
 #: The largest message either side accepts. A larger one closes the connection.
 MAX_MESSAGE = 64 * 1024 * 1024
+
+#: The first element of a reply that comes in parts.
+PARTS = "parts"
+
+#: The bytes of a reply in each part: room is left for the first part's header.
+_PART = MAX_MESSAGE - 4096
+
+#: The longest ttl and the longest timeout (seconds, about 31 years). Longer is a
+#: mistake (``None`` is "no expiry"), and this bound is far inside what every backend
+#: can hold: Redis keeps expiry in 64-bit milliseconds, ``threading`` waits end at
+#: ``threading.TIMEOUT_MAX`` (about 292 years), ``SO_RCVTIMEO`` takes a C long.
+MAX_SECONDS = 1e9
 
 #: How long an unauthenticated peer may take over the handshake.
 HANDSHAKE_TIMEOUT = 5.0
@@ -43,7 +62,7 @@ KEEP_TTL = "keep"
 HEADER = struct.Struct("!i")
 
 
-def write_message(fd: int, body: bytes) -> None:
+def write_message(fd: int, body: bytes | memoryview) -> None:
     """Write one message to a blocking descriptor, in one system call where it fits."""
     data = memoryview(HEADER.pack(len(body)) + body)
     while data:
@@ -79,6 +98,33 @@ def read_message(fd: int, first_read: int = 65536) -> bytes:
             have += len(chunk)
         buf = b"".join(parts)
     return buf[4:end]
+
+
+def write_reply(fd: int, body: bytes) -> None:
+    """Write a pickled reply: one message, or in parts when it is over the limit."""
+    if len(body) <= MAX_MESSAGE:
+        write_message(fd, body)
+        return
+    view = memoryview(body)
+    starts = range(0, len(body), _PART)
+    # The first part travels inside the header: a message far longer than the
+    # client's first read, so that read never takes in bytes of the next one.
+    write_message(fd, dumps((PARTS, len(starts), len(body), bytes(view[:_PART]))))
+    for start in starts[1:]:
+        write_message(fd, view[start : start + _PART])
+
+
+def read_reply(fd: int) -> Any:
+    """Read and unpickle one reply, joining its parts if it came in several messages."""
+    reply = loads(read_message(fd))
+    if reply[0] != PARTS:
+        return reply
+    _, count, size, first = reply
+    # A 4-byte first read: a part's length, and nothing past the part's end.
+    body = b"".join([first, *[read_message(fd, 4) for _ in range(count - 1)]])
+    if len(body) != size:
+        raise OSError(f"a reply in parts was {len(body)} bytes, not the {size} announced")
+    return loads(body)
 
 
 def dumps(message: Any) -> bytes:

@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import AtomicBlockLost
 from .catalogue import OPERATIONS as CATALOGUE
 from .persistence import Journal, Record
-from .protocol import KEEP_TTL
+from .protocol import KEEP_TTL, MAX_SECONDS
 
 Value = int | float | bytes
 
@@ -264,10 +265,13 @@ def _check_key(key: object) -> str:
 
 
 def _check_ttl(ttl: object) -> float | None:
+    """As ``operations.check_ttl`` (which clients apply first): None, or 0 < ttl <= MAX_SECONDS."""
     if ttl is None:
         return None
-    if type(ttl) not in (int, float) or not ttl > 0:  # type: ignore[operator]
-        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    if type(ttl) not in (int, float) or not 0 < ttl <= MAX_SECONDS:  # type: ignore[operator]
+        raise ValueError(
+            f"ttl must be seconds above 0 and at most {MAX_SECONDS:g}, or None, not {ttl!r}"
+        )
     return float(ttl)  # type: ignore[arg-type]
 
 
@@ -531,9 +535,10 @@ class Session:
 
     def _check_block(self, session_id: int | None) -> None:
         if session_id is not None and (session_id != self.id or self.space.txn_owner is not self):
-            raise RuntimeError(
+            raise AtomicBlockLost(
                 "the atomic block lost its connection to the state server, and with it"
-                " its claim on the keys it read; nothing of it was written"
+                " its claim on the keys it read; nothing of it was written. Run the block"
+                " again."
             )
 
     def txn_read(
