@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import multiprocessing
 import os
 import select
@@ -131,6 +130,7 @@ class ServerLauncher:
     @contextlib.contextmanager
     def election(self, deadline: float) -> Iterator[None]:
         """Hold the address's election lock (an flock, dropped by the kernel if we die)."""
+        import fcntl  # not on Windows, where config.py refuses the manager backend
 
         fd = os.open(self.settings.run_base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -261,3 +262,142 @@ def test_no_descriptors_is_not_gone() -> None:
     is not taken for gone."""
     out = run_as("", NO_DESCRIPTORS)
     assert out.split() == ["polling", "False", "False"]
+
+
+# -- configuration on other platforms, in a real interpreter ---------------------------
+
+PLAY_WINDOWS = """
+import os, sys
+# The standard library's own Windows branches need Windows itself: import it first.
+import multiprocessing.connection, selectors, subprocess, tempfile
+import flask, redis  # (and Flask's and redis-py's: only ours are under test)
+sys.platform = "win32"
+for name in ("getuid", "geteuid", "fork"):
+    os.__dict__.pop(name, None)
+sys.modules["fcntl"] = sys.modules["pwd"] = None  # ImportError, as on Windows
+for name in ("USER", "LOGNAME", "LNAME"):  # Windows names its user USERNAME
+    os.environ.pop(name, None)
+os.environ["USERNAME"] = "Jane Doe"
+"""
+
+WINDOWS_SCRIPT = """
+import json, sys
+import flask_sharedstate.backends.manager, flask_sharedstate.launcher  # no ImportError
+from flask import Flask
+from flask_sharedstate import ConfigError, SharedState
+
+results = {}
+for backend in ("memory", "redis", "manager"):
+    app = Flask(backend)
+    app.config["SHAREDSTATE_BACKEND"] = backend
+    app.config["SHAREDSTATE_REDIS_URL"] = sys.argv[1]
+    app.config["SHAREDSTATE_NAMESPACE"] = sys.argv[2]
+    if backend != "redis":
+        app.config["SHAREDSTATE_REDIS_URL"] = None
+    try:
+        shared = SharedState(app)
+        results[backend] = shared.incr("n")
+    except ConfigError as exc:
+        results[backend] = "ConfigError: " + str(exc)
+from flask_sharedstate.config import runtime_dir
+results["runtime_dir"] = runtime_dir()
+print(json.dumps(results))
+"""
+
+
+def test_windows_backends(redis_url: str, run_dir: str) -> None:
+    """On Windows, memory and redis work, and manager is a ConfigError naming both."""
+    namespace = f"windows-{os.path.basename(run_dir)}"
+    results = json.loads(run_as(PLAY_WINDOWS, WINDOWS_SCRIPT, redis_url, namespace))
+    assert results["memory"] == 1
+    assert results["redis"] == 1
+    message = results["manager"]
+    assert message.startswith("ConfigError: SHAREDSTATE_BACKEND = 'manager'")
+    assert "Windows" in message and "'memory'" in message and "'redis'" in message
+    assert results["runtime_dir"].endswith("flask-sharedstate-Jane-Doe")  # no uid there
+
+
+PLAY_MACOS = """
+import sys
+sys.platform = "darwin"
+"""
+
+SOCKET_SCRIPT = """
+import json, sys
+from flask import Flask
+from flask_sharedstate import ConfigError
+from flask_sharedstate.config import load_settings, runtime_dir
+
+app = Flask("an-app-with-a-name-of-more-than-thirty-two-characters")
+default = load_settings(app).socket_path
+long_path = sys.argv[1]
+app.config["SHAREDSTATE_SOCKET"] = long_path
+try:
+    load_settings(app)
+    error = None
+except ConfigError as exc:
+    error = str(exc)
+print(json.dumps({"default": default, "runtime_dir": runtime_dir(), "error": error}))
+"""
+
+
+def test_macos_socket_path_limit(run_dir: str) -> None:
+    """macOS: the default socket path fits its 104-byte sun_path (with the NUL) under a long
+    TMPDIR, and a user's 104-byte SHAREDSTATE_SOCKET is a ConfigError."""
+    tmpdir = os.path.join(run_dir, "T" * (48 - len(run_dir)))  # as long as macOS's TMPDIR
+    os.makedirs(tmpdir)
+    too_long = os.path.join(run_dir, "s" * (104 - len(run_dir) - 1))
+    assert len(too_long) == 104
+    out = run_as(PLAY_MACOS, SOCKET_SCRIPT, too_long, env={"TMPDIR": tmpdir, "XDG_RUNTIME_DIR": ""})
+    report = json.loads(out)
+    assert len(os.fsencode(report["default"])) <= 103
+    assert os.path.dirname(report["default"]) == report["runtime_dir"]
+    assert report["runtime_dir"].startswith(tmpdir)
+    assert report["error"] is not None
+    assert "SHAREDSTATE_SOCKET" in report["error"] and "103 bytes" in report["error"]
+
+
+SERVE_SCRIPT = """
+import json, sys
+from flask import Flask
+from flask_sharedstate import SharedState
+
+app = Flask("an-app-with-a-name-of-more-than-thirty-two-characters")
+shared = SharedState(app)
+path = app.extensions["sharedstate"].settings.socket_path
+print(json.dumps({"n": shared.incr("n"), "socket": path}))
+"""
+
+
+@pytest.mark.parametrize("base_length", [60, 100])
+def test_long_runtime_folder_is_shortened(run_dir: str, base_length: int) -> None:
+    """Linux: a default socket path too long for sun_path is shortened (a hashed name, or a
+    shorter folder); a real server binds it and serves."""
+    base = os.path.join(run_dir, "R" * (base_length - len(run_dir) - 1))
+    os.makedirs(base)
+    out = run_as("", SERVE_SCRIPT, env={"XDG_RUNTIME_DIR": base})
+    report = json.loads(out)
+    try:
+        assert report["n"] == 1
+        assert len(os.fsencode(report["socket"])) <= 107
+        folder = os.path.dirname(report["socket"])
+        if base_length == 60:  # a hashed name fits the same private folder
+            assert folder == os.path.join(base, f"flask-sharedstate-{os.getuid()}")
+        else:  # not even that: a shorter private folder
+            assert folder == f"/tmp/flask-sharedstate-{os.getuid()}"
+    finally:
+        if not report["socket"].startswith(run_dir):  # a shorter folder: clean up by hand
+            stop_server_of(report["socket"])
+
+
+def stop_server_of(socket_path: str) -> None:
+    """Kill the state server of this one socket, by its pid file, and remove its files."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(socket_path + ".pid") as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if socket_path.encode() in f.read():
+                os.kill(pid, signal.SIGKILL)
+    for suffix in ("", ".pid", ".key", ".lock", ".log"):
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path + suffix)
