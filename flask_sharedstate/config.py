@@ -7,11 +7,13 @@ value and what was expected. It touches neither the network nor the disk.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import ipaddress
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +40,11 @@ DEFAULTS: dict[str, Any] = {
 BACKENDS = ("manager", "memory", "redis")
 FSYNC_POLICIES = ("always", "everysec", "no")
 
-#: Unix socket paths longer than this do not fit ``sockaddr_un``.
-MAX_SOCKET_PATH = 107
+#: Unix socket paths longer than this do not fit ``sockaddr_un``: its ``sun_path`` holds
+#: 108 bytes on Linux, 104 on macOS and the BSDs, the final NUL included.
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
+#: A default socket name that would not fit becomes a hash this long, plus ``.sock``.
+SHORT_SOCKET_NAME = 16
 MIN_REMOTE_KEY = 16
 
 
@@ -79,15 +84,47 @@ class Settings:
         return self.socket_path
 
 
+def _user() -> str:
+    """This user, as a name fit for a folder: the uid, or the login name where there is none."""
+    if hasattr(os, "getuid"):
+        return str(os.getuid())
+    try:  # Windows
+        name = getpass.getuser()
+    except (OSError, KeyError, ImportError):
+        name = "user"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
 def runtime_dir() -> str:
     """The private per-user folder that holds sockets and key files.
 
-    ``$XDG_RUNTIME_DIR`` where the system provides one, else the temp folder.
+    ``$XDG_RUNTIME_DIR`` where the system provides one, else the temp folder,
+    else ``/tmp``: the first that exists and is short enough for a socket in it
+    (macOS's temp folder is long, and ``sun_path`` short).
     """
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.path.isdir(base):
-        base = tempfile.gettempdir()
-    return os.path.join(base, f"flask-sharedstate-{os.getuid()}")
+    folder = None
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+        if not base or not os.path.isdir(base):
+            continue
+        folder = os.path.join(base, f"flask-sharedstate-{_user()}")
+        room = MAX_SOCKET_PATH - len(os.fsencode(folder)) - len("/.sock")
+        if room >= SHORT_SOCKET_NAME:
+            return folder
+    return folder or os.path.join(tempfile.gettempdir(), f"flask-sharedstate-{_user()}")
+
+
+def _manager_unsupported() -> str | None:
+    """Why this platform cannot run the manager backend, or None if it can."""
+    try:
+        import fcntl  # noqa: F401 - the election's file lock
+    except ImportError:
+        has_locks = False
+    else:
+        has_locks = True
+    if hasattr(os, "fork") and has_locks:
+        return None
+    platform = "Windows" if sys.platform == "win32" else sys.platform
+    return f"{platform} has no os.fork or fcntl file locks"
 
 
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
@@ -150,6 +187,15 @@ def load_settings(app: Flask) -> Settings:
             " 'redis://localhost:6379/0' (or rediss://, unix://)."
         )
 
+    if backend == "manager":
+        unsupported = _manager_unsupported()
+        if unsupported is not None:
+            raise ConfigError(
+                f"SHAREDSTATE_BACKEND = 'manager' needs its own state server process, and"
+                f" {unsupported}: use 'memory' for `flask run` (one process), or 'redis' with"
+                " SHAREDSTATE_REDIS_URL to share the state between processes."
+            )
+
     timeout = _seconds(config, "SHAREDSTATE_TIMEOUT")
     lease = _seconds(config, "SHAREDSTATE_LEASE")
 
@@ -194,14 +240,19 @@ def load_settings(app: Flask) -> Settings:
     slug = _app_slug(app)
     socket_path = _text(config, "SHAREDSTATE_SOCKET")
     if socket_path is None:
-        socket_path = os.path.join(runtime_dir(), f"{slug}.sock")
+        folder = runtime_dir()
+        socket_path = os.path.join(folder, f"{slug}.sock")
+        if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:  # too long to bind: a short name
+            digest = hashlib.sha256(slug.encode()).hexdigest()[:SHORT_SOCKET_NAME]
+            socket_path = os.path.join(folder, f"{digest}.sock")
     else:
         socket_path = os.path.abspath(socket_path)
     if tcp is None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
         raise _fail(
             "SHAREDSTATE_SOCKET",
             socket_path,
-            f"a path of at most {MAX_SOCKET_PATH} bytes (unix sockets allow no more)",
+            f"a path of at most {MAX_SOCKET_PATH} bytes (unix sockets here allow no more):"
+            " choose a shorter one, or leave SHAREDSTATE_SOCKET unset for a default that fits",
         )
 
     key: bytes | None

@@ -33,7 +33,7 @@ from typing import Any
 from flask import Flask
 
 from .backends.manager import ManagerBackend
-from .server.process import process_start_time
+from .server.processes import process_gone, start_time
 
 #: How long on_exit waits for the server to save and stop.
 STOP_TIMEOUT = 5.0
@@ -107,7 +107,7 @@ def on_starting(server: Any) -> None:
         return
     server_pid = int(report.split(" ", 1)[0])
     server.log.info("flask_sharedstate: state server %d is running", server_pid)
-    server._sharedstate_server = (server_pid, process_start_time(server_pid))
+    server._sharedstate_server = (server_pid, start_time(server_pid))
 
 
 def on_exit(server: Any) -> None:
@@ -115,12 +115,12 @@ def on_exit(server: Any) -> None:
     started = getattr(server, "_sharedstate_server", None)
     if started is None:
         return
-    pid, start_time = started
-    if process_start_time(pid) != start_time:
+    pid, started_at = started  # a start time of None (unknown): the pid alone is checked
+    if process_gone(pid, started_at):
         return  # gone already; the pid may even belong to someone else now
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while process_start_time(pid) == start_time and time.monotonic() < deadline:
+    while not process_gone(pid, started_at) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if process_start_time(pid) == start_time:
+    if not process_gone(pid, started_at):
         server.log.warning("flask_sharedstate: state server %d did not stop in time", pid)

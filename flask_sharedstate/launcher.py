@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import multiprocessing
 import os
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -33,15 +33,20 @@ from collections.abc import Iterator
 
 from .config import Settings, runtime_dir
 from .errors import ConfigError, SharedStateUnavailable
-from .server.process import process_start_time
+from .server import processes
 
 
 def _parent_is_gunicorn() -> bool:
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            return b"gunicorn" in f.read()
-    except OSError:
-        return False
+    """Whether this process is a gunicorn worker, forked by the master that is its parent."""
+    parent = os.getppid()
+    command = processes.command_line(parent)  # from /proc, or from ps
+    if command is not None:
+        return "gunicorn" in command
+    # Unknown (no /proc, no ps): ask gunicorn. A worker's SIGTERM handler is a method
+    # of its Worker, which knows the master's pid.
+    worker = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    base = sys.modules.get("gunicorn.workers.base")
+    return base is not None and isinstance(worker, base.Worker) and worker.ppid == parent
 
 
 def owner_process() -> int:
@@ -105,12 +110,10 @@ class ServerLauncher:
             host, port = settings.tcp
             arguments = ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         if owner is not None:
-            arguments += [
-                "--owner-pid",
-                str(owner),
-                "--owner-start",
-                str(process_start_time(owner)),
-            ]
+            arguments += ["--owner-pid", str(owner)]
+            start = processes.start_time(owner)
+            if start is not None:  # unknown: the server watches the pid alone
+                arguments += ["--owner-start", start]
         arguments += ["--pid-file", settings.run_base + ".pid"]
         if settings.persist_path is not None:
             arguments += ["--persist", settings.persist_path, "--fsync", settings.fsync]
@@ -127,6 +130,8 @@ class ServerLauncher:
     @contextlib.contextmanager
     def election(self, deadline: float) -> Iterator[None]:
         """Hold the address's election lock (an flock, dropped by the kernel if we die)."""
+        import fcntl  # not on Windows, where config.py refuses the manager backend
+
         fd = os.open(self.settings.run_base + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             while True:

@@ -32,7 +32,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--unix", metavar="PATH", help="listen on this unix socket")
     where.add_argument("--tcp", metavar="HOST:PORT", help="listen on this TCP address")
     parser.add_argument("--owner-pid", type=int, help="stop when this process is gone")
-    parser.add_argument("--owner-start", help="start time of the owner, from /proc")
+    parser.add_argument(
+        "--owner-start",
+        help="the owner's start time (see processes.py), so a reused pid is not taken for it;"
+        " without it, the pid alone is watched",
+    )
     parser.add_argument("--ready-fd", type=int, help="write the readiness line here")
     parser.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
     parser.add_argument("--persist", metavar="PATH", help="restore from and journal to this file")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -26,7 +25,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import protocol
+from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
 from .store import LockTimeout, Session, Store
 
@@ -35,19 +34,8 @@ log = logging.getLogger("flask_sharedstate.server")
 SWEEP_INTERVAL = 1.0
 
 
-def process_start_time(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot, or None if it is gone.
-
-    Together with the pid it names one process, even after the pid is reused.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return fields[19].decode()
+#: The start time of a process, or None if unknown (see ``processes.py``).
+process_start_time = processes.start_time
 
 
 class StateServer:
@@ -139,24 +127,21 @@ class StateServer:
 
     def _housekeeping(self) -> None:
         """Drop expired keys, and stop when the owner process is gone."""
-        pidfd = None
+        owner = None
         if self.owner_pid is not None:
-            try:
-                pidfd = os.pidfd_open(self.owner_pid)
-            except (AttributeError, OSError):
-                pidfd = None
-        while not self._stopping.is_set():
-            if self.owner_pid is not None and not self._owner_alive():
-                self.stop(f"owner process {self.owner_pid} is gone")
-                return
-            if pidfd is not None:
-                readable, _, _ = select.select([pidfd], [], [], SWEEP_INTERVAL)
-                if readable:
-                    self.stop(f"owner process {self.owner_pid} exited")
+            owner = processes.watch(self.owner_pid, self.owner_start)
+            log.info("watching owner %d by %s", self.owner_pid, owner.kind)
+        try:
+            while not self._stopping.is_set():
+                if owner is None:
+                    self._stopping.wait(SWEEP_INTERVAL)
+                elif owner.wait(SWEEP_INTERVAL):
+                    self.stop(f"owner process {self.owner_pid} is gone")
                     return
-            else:
-                time.sleep(SWEEP_INTERVAL / 4)
-            self.store.sweep()
+                self.store.sweep()
+        finally:
+            if owner is not None:
+                owner.close()
 
     def _persist(self, journal: Journal) -> None:
         """The journal's thread: fsync each second (``everysec``), compact when it is due.
@@ -208,8 +193,9 @@ class StateServer:
         )
 
     def _owner_alive(self) -> bool:
+        """False only if the owner is known to be gone; an unknown answer is "alive"."""
         assert self.owner_pid is not None
-        return process_start_time(self.owner_pid) == self.owner_start
+        return not processes.process_gone(self.owner_pid, self.owner_start)
 
     # -- one client --------------------------------------------------------------
 
