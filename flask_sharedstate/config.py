@@ -103,7 +103,7 @@ def runtime_dir() -> str:
     (macOS's temp folder is long, and ``sun_path`` short).
     """
     folder = None
-    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+    for base in (_own_xdg_runtime_dir(), tempfile.gettempdir(), "/tmp"):
         if not base or not os.path.isdir(base):
             continue
         folder = os.path.join(base, f"flask-sharedstate-{_user()}")
@@ -111,6 +111,21 @@ def runtime_dir() -> str:
         if room >= SHORT_SOCKET_NAME:
             return folder
     return folder or os.path.join(tempfile.gettempdir(), f"flask-sharedstate-{_user()}")
+
+
+def _own_xdg_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` if it is this user's, as the XDG spec requires.
+
+    A gunicorn master started from root's login shell passes ``/run/user/0`` to
+    workers that become ``nobody`` (``user =``): theirs is elsewhere.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not hasattr(os, "getuid"):
+        return base
+    try:
+        return base if os.stat(base).st_uid == os.getuid() else None
+    except OSError:
+        return None
 
 
 def _manager_unsupported() -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import pytest
@@ -101,3 +104,20 @@ def test_tcp_refuses_a_key_derived_from_a_weak_secret_key() -> None:
     app = init(SHAREDSTATE_PORT=7000, SECRET_KEY="dev", SHAREDSTATE_KEY="k" * 16)
     assert app.extensions["sharedstate"].settings.key == b"k" * 16
     assert init(SECRET_KEY="dev").extensions["sharedstate"].settings.tcp is None
+
+
+def test_runtime_dir_skips_an_xdg_runtime_dir_of_another_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """$XDG_RUNTIME_DIR is used only when it is this user's (as the XDG spec requires): a
+    root master's /run/user/0, inherited by workers that became nobody, is passed over."""
+    from flask_sharedstate.config import runtime_dir
+
+    other = tempfile.mkdtemp(prefix="xdg-", dir="/tmp")  # short: room for a socket
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", other)
+        assert runtime_dir().startswith(other + "/")  # this user's: used
+        os.chown(other, os.getuid() + 1, -1)  # someone else's (the tests run as root)
+        assert not runtime_dir().startswith(other + "/")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
