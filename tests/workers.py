@@ -175,3 +175,22 @@ def start_with_listener(socket_path: str, results: Any) -> None:
 
 def sigkill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_in_namespace(config: dict[str, Any], results: Any, leave: Any) -> None:
+    """An app on ``config``: set "k" and "n", take lock "L", open an atomic block that
+    read (claimed) both, report, and wait for ``leave``; then commit and report what
+    this app sees."""
+    app = Flask("holder_app")
+    app.config.update(config)
+    shared = SharedState(app)
+    shared.set_many({"k": "mine", "n": 0})
+    server = (
+        shared.state().backend.server_pid() if config["SHAREDSTATE_BACKEND"] == "manager" else None
+    )  # type: ignore[attr-defined]
+    with shared.lock("L"), shared.atomic():
+        shared.dict["k"] = shared.dict["k"] + "!"
+        shared.dict["n"] = shared.dict["n"] + 1
+        results.put(("inside", server))
+        leave.wait(60)
+    results.put(("after", dict(shared.dict.items())))
