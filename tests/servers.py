@@ -102,20 +102,12 @@ class Server:
         return self.request("GET", url, **kwargs)
 
     def load(
-        self,
-        requests: Iterable[tuple[str, str, Any]],
-        concurrency: int = 32,
-        during: Callable[[], None] | None = None,
+        self, requests: Iterable[tuple[str, str, Any]], concurrency: int = 32
     ) -> list[Response]:
-        """Send every ``(method, url, body)`` from ``concurrency`` clients; return in order.
-
-        ``during`` runs in the calling thread while the load is under way.
-        """
+        """Send every ``(method, url, body)`` from ``concurrency`` clients; return in order."""
         items = list(requests)
         with ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(self.request, *item) for item in items]
-            if during is not None:
-                during()
             return [f.result(timeout=300) for f in futures]
 
     def load_during(

@@ -51,7 +51,9 @@ def test_exact_counts_and_cart(servers: list[Server], run_dir: str) -> None:
     assert hits(server) == 5000
     cart = server.get("/cart").json()["cart"]
     assert sorted(cart) == sorted(items)
-    assert len(server.workers_answering(2)) >= 2  # the load was spread over workers
+    # Exact counts only mean something if several processes counted: this load's
+    # own responses name the workers that made them.
+    assert len({r.worker for r in responses}) >= 2
 
 
 def test_worker_recycling(servers: list[Server], run_dir: str) -> None:
