@@ -75,7 +75,7 @@ def test_sigkilled_workers(servers: list[Server], run_dir: str) -> None:
     counted exactly once, and no worker hangs on a lock a killed one held."""
     server = gunicorn(servers, run_dir, "-w", "4", "--timeout", "10")
     stop = threading.Event()
-    killed = []
+    killed: list[float] = []
 
     def kill_workers() -> None:
         rng = random.Random(3)
@@ -86,7 +86,7 @@ def test_sigkilled_workers(servers: list[Server], run_dir: str) -> None:
                 victim = rng.choice(workers)
                 try:
                     os.kill(victim, signal.SIGKILL)
-                    killed.append(victim)
+                    killed.append(time.monotonic())
                 except ProcessLookupError:
                     pass
 
@@ -98,28 +98,39 @@ def test_sigkilled_workers(servers: list[Server], run_dir: str) -> None:
     finally:
         stop.set()
         killer.join(30)
-    assert len(killed) >= 5
+    # The kills came during the load.
+    first, last = min(r.started for r in responses), max(r.ended for r in responses)
+    assert sum(first < t < last for t in killed) >= 5
     acknowledged = {rid for rid, r in zip(rids, responses, strict=True) if r.status == 200}
     assert len(acknowledged) > 1000
-    assert set(statuses(responses)) <= {200, 0, 500, 502}
+    # 0: the connection of a killed worker's request broke. A 500 would be a
+    # LockTimeout: a worker left waiting on a killed worker's atomic block.
+    assert set(statuses(responses)) <= {200, 0}, statuses(responses)
+    assert not [r.error for r in responses if "timed out" in r.error]  # none hung
     recorded = server.get("/recorded").json()
     assert acknowledged <= set(recorded["ids"])  # every acknowledged request counted
     assert recorded["count"] == len(recorded["ids"])  # and none counted twice
     assert "WORKER TIMEOUT" not in server.log()
-    assert max(r.seconds for r in responses) < 10
 
 
 def test_timeout_kill_inside_atomic(servers: list[Server], run_dir: str) -> None:
     """A worker killed by gunicorn's --timeout inside an atomic block: the others take
     the block at once, and none of the killed block's writes is visible."""
-    server = gunicorn(servers, run_dir, "-w", "2", "--timeout", "2", "--graceful-timeout", "1")
+    server = gunicorn(
+        servers,
+        run_dir,
+        *("-w", "2", "--timeout", "2", "--graceful-timeout", "1"),
+        env={"FLASK_SHAREDSTATE_TIMEOUT": "10"},
+    )
     assert server.request("POST", "/cart", {"item": "before"}).status == 200
     slow = server.get("/slow-atomic?seconds=60", timeout=60)
     assert slow.status in (0, 500, 502)  # the worker was killed mid-request
     assert "WORKER TIMEOUT" in server.log()
     after = server.request("POST", "/cart", {"item": "after"}, timeout=30)
+    # Had the killed block kept its claim, this block would have waited 10 s
+    # (SHAREDSTATE_TIMEOUT) and failed with LockTimeout (500).
     assert after.status == 200
-    assert after.seconds < 1.0
+    assert after.seconds < 5
     assert server.get("/cart").json()["cart"] == ["before", "after"]
     assert server.get("/key/partial").json() == {"partial": None}
 
@@ -323,10 +334,11 @@ def test_stopped_state_server_fails_fast_then_recovers(servers: list[Server], ru
     finally:
         os.kill(state_server, signal.SIGCONT)
     assert statuses(responses) == {503: 4}
-    # A reply waits at most 2 x SHAREDSTATE_TIMEOUT, a reconnect 1 x; a worker
-    # that got two of the four requests answers the second after both.
-    assert max(r.seconds for r in responses) < 2 * 1 + 1 + 1
-    wait_for(lambda: server.get("/").status == 200, timeout=5)
+    # A reply waits at most 2 x SHAREDSTATE_TIMEOUT (1 s), a reconnect 1 x; a
+    # worker that got two of the four requests answers the second after both.
+    # Hung workers would wait for gunicorn's --timeout (30 s).
+    assert max(r.seconds for r in responses) < 2 * (2 + 1) * 1 + 4
+    wait_for(lambda: server.get("/").status == 200, timeout=30)
     assert statuses(server.load([("GET", "/", None)] * 100, concurrency=16)) == {200: 100}
     assert "WORKER TIMEOUT" not in server.log()
 
