@@ -197,9 +197,7 @@ def hold_in_namespace(config: dict[str, Any], results: Any, leave: Any) -> None:
     app.config.update(config)
     shared = SharedState(app)
     shared.set_many({"k": "mine", "n": 0})
-    server = (
-        shared.state().backend.server_pid() if config["SHAREDSTATE_BACKEND"] == "manager" else None
-    )  # type: ignore[attr-defined]
+    server = server_pid(shared) if config["SHAREDSTATE_BACKEND"] == "manager" else None
     with shared.lock("L"), shared.atomic():
         shared.dict["k"] = shared.dict["k"] + "!"
         shared.dict["n"] = shared.dict["n"] + 1
