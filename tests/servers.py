@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,14 @@ class Response:
     body: bytes
     seconds: float
     error: str = ""
+    #: time.monotonic() when the request was sent (comparable across processes)
+    started: float = 0.0
+    #: the pid of the worker that answered (loadapp's X-Worker header), 0 if unknown
+    worker: int = 0
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.seconds
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -81,9 +90,11 @@ class Server:
                 headers["Content-Type"] = "application/json"
             conn.request(method, url, data, headers)
             response = conn.getresponse()
-            return Response(response.status, response.read(), time.monotonic() - start)
+            body = response.read()
+            worker = int(response.getheader("X-Worker") or 0)
+            return Response(response.status, body, time.monotonic() - start, "", start, worker)
         except (OSError, http.client.HTTPException) as exc:
-            return Response(0, b"", time.monotonic() - start, repr(exc))
+            return Response(0, b"", time.monotonic() - start, repr(exc), start)
         finally:
             conn.close()
 
@@ -91,32 +102,50 @@ class Server:
         return self.request("GET", url, **kwargs)
 
     def load(
-        self,
-        requests: Iterable[tuple[str, str, Any]],
-        concurrency: int = 32,
-        during: Callable[[], None] | None = None,
+        self, requests: Iterable[tuple[str, str, Any]], concurrency: int = 32
     ) -> list[Response]:
-        """Send every ``(method, url, body)`` from ``concurrency`` clients; return in order.
-
-        ``during`` runs in the calling thread while the load is under way.
-        """
+        """Send every ``(method, url, body)`` from ``concurrency`` clients; return in order."""
         items = list(requests)
         with ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(self.request, *item) for item in items]
-            if during is not None:
-                during()
             return [f.result(timeout=300) for f in futures]
 
-    def workers_answering(self, want: int, batches: int = 20) -> set[int]:
-        """The pids of workers seen answering /stats, sending concurrent batches until
-        ``want`` distinct ones answered (one fast worker may take a whole batch)."""
-        seen: set[int] = set()
-        for _ in range(batches):
-            responses = self.load([("GET", "/stats", None)] * 32, concurrency=16)
-            seen |= {r.json()["worker"] for r in responses if r.status == 200}
-            if len(seen) >= want:
-                break
-        return seen
+    def load_during(
+        self,
+        method: str,
+        url: str,
+        fault: Callable[[LoadProgress], None],
+        concurrency: int = 16,
+        limit: int = 50_000,
+        seconds: float = 120.0,
+    ) -> list[Response]:
+        """Send ``method url`` from ``concurrency`` clients, each in a loop, for as
+        long as ``fault(progress)`` runs in the calling thread (bounded by ``limit``
+        requests and ``seconds``); return every response, in the order they ended.
+
+        ``fault`` waits on ``progress`` for the load to be under way, injects its
+        fault, and waits for what it needs to see after it: so the fault happens
+        during the load, whatever the machine's speed.
+        """
+        progress = LoadProgress()
+        deadline = time.monotonic() + seconds
+
+        def client() -> None:
+            while not progress.stopped.is_set():
+                if time.monotonic() > deadline or not progress.take_ticket(limit):
+                    progress.exhausted.set()
+                    return
+                progress.add(self.request(method, url))
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            clients = [pool.submit(client) for _ in range(concurrency)]
+            try:
+                fault(progress)
+            finally:
+                progress.stopped.set()
+            for c in clients:
+                c.result(timeout=300)
+        return progress.snapshot()
 
     def children(self) -> list[int]:
         """The pids of the server's direct children (gunicorn's workers)."""
@@ -151,6 +180,43 @@ class Server:
         for pid in workers:
             wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), 10)
         return code
+
+
+class LoadProgress:
+    """What a running :meth:`Server.load_during` has seen so far (thread-safe)."""
+
+    def __init__(self) -> None:
+        #: set when the fault is done: the clients stop
+        self.stopped = threading.Event()
+        #: set when the load reached its bound before the fault was done
+        self.exhausted = threading.Event()
+        self._lock = threading.Lock()
+        self._responses: list[Response] = []
+        self._tickets = 0
+
+    def take_ticket(self, limit: int) -> bool:
+        with self._lock:
+            self._tickets += 1
+            return self._tickets <= limit
+
+    def add(self, response: Response) -> None:
+        with self._lock:
+            self._responses.append(response)
+
+    def snapshot(self) -> list[Response]:
+        with self._lock:
+            return list(self._responses)
+
+    def wait(
+        self, condition: Callable[[list[Response]], bool], what: str, timeout: float = 60.0
+    ) -> None:
+        """Wait until ``condition(responses so far)`` holds; fail after ``timeout``
+        seconds, or once the load reached its bound without it."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.snapshot()):
+            if time.monotonic() > deadline or self.exhausted.is_set():
+                raise AssertionError(f"the load never showed {what} (within {timeout:g}s)")
+            time.sleep(0.01)
 
 
 def _zombie(pid: int) -> bool:

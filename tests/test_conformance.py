@@ -43,9 +43,36 @@ def held_elsewhere(
 # -- shared.dict ------------------------------------------------------------------
 
 
-def test_dict_is_a_mutable_mapping(shared: SharedState) -> None:
-    """shared.dict is a collections.abc.MutableMapping."""
+def mapping_workout(d: MutableMapping[str, Any]) -> list[Any]:
+    """Code written against the MutableMapping interface; returns what it saw."""
+    seen: list[Any] = []
+    d["a"] = 1
+    d.update({"b": [2]}, c="three")
+    d.update([("e", 5)])
+    seen.append(d.setdefault("a", 99))
+    seen.append(d.setdefault("d", None))
+    seen.append(d.pop("b"))
+    seen.append(d.pop("b", "gone"))
+    seen.append(d.get("zz", "fallback"))
+    del d["e"]
+    seen.append(sorted(d.keys()))
+    seen.append(sorted(d.items(), key=repr))
+    seen.append(sorted(map(repr, d.values())))
+    seen.append(("c" in d, "b" in d, len(d), sorted(iter(d))))
+    seen.append(d == {"a": 1, "c": "three", "d": None})
+    seen.append(dict(d))
+    key, value = d.popitem()
+    seen.append((key in d, len(d), {"a": 1, "c": "three", "d": None}[key] == value))
+    d.clear()
+    seen.append((len(d), list(d)))
+    return seen
+
+
+def test_dict_behaves_as_a_mutable_mapping(shared: SharedState) -> None:
+    """Code written against collections.abc.MutableMapping sees shared.dict answer
+    exactly as a plain dict does."""
     assert isinstance(shared.dict, MutableMapping)
+    assert mapping_workout(shared.dict) == mapping_workout({})
 
 
 def test_set_get_delete(shared: SharedState) -> None:
@@ -187,14 +214,15 @@ def test_compare_and_set(shared: SharedState) -> None:
 
 def test_ttl_and_expire(shared: SharedState) -> None:
     """Keys with a ttl expire and then behave as absent everywhere."""
-    shared.set("short", 1, ttl=0.2)
+    shared.set("short", 1, ttl=30)
     shared.set("long", 2)
     remaining = shared.ttl("short")
-    assert remaining is not None and 0 < remaining <= 0.2
+    assert remaining is not None and 20 < remaining <= 30  # in seconds, counting down
     assert shared.ttl("long") is None
+    assert shared.expire("short", 0.2) is True
     assert shared.expire("long", 0.2) is True
     assert shared.expire("absent", 1) is False
-    time.sleep(0.3)
+    time.sleep(0.3)  # both deadlines lie at most 0.2 s after the calls returned
     assert "short" not in shared.dict and "long" not in shared.dict
     assert shared.get("short") is None
     assert len(shared.dict) == 0
@@ -259,7 +287,8 @@ def test_lock_timeout(app, shared: SharedState) -> None:  # type: ignore[no-unty
         start = time.monotonic()
         with pytest.raises(LockTimeout, match="busy"):
             shared.lock("busy").acquire(timeout=0.3)
-        assert time.monotonic() - start < 3
+        # It waited the timeout, and not for ever (the app's SHAREDSTATE_TIMEOUT is 3).
+        assert 0.3 <= time.monotonic() - start < 10
     assert shared.lock("busy").acquire(timeout=1)
     shared.lock("busy").release()
 
@@ -416,13 +445,14 @@ def test_atomic_timeout(app, shared: SharedState) -> None:  # type: ignore[no-un
 def test_write_to_claimed_key_waits_for_the_block(app, shared: SharedState) -> None:  # type: ignore[no-untyped-def]
     """An incr on a key an open block has read is applied after the block, not lost."""
     shared.dict["n"] = 0
-    inside = threading.Event()
-    incremented = threading.Event()
+    inside, calling, incremented = threading.Event(), threading.Event(), threading.Event()
+    got: list[int] = []
 
     def other() -> None:
         with app.app_context():
             inside.wait(10)
-            shared.incr("n")
+            calling.set()
+            got.append(shared.incr("n"))
             incremented.set()
 
     thread = threading.Thread(target=other)
@@ -430,8 +460,10 @@ def test_write_to_claimed_key_waits_for_the_block(app, shared: SharedState) -> N
     with shared.atomic():
         shared.dict["n"] = shared.dict["n"] + 10
         inside.set()
-        assert not incremented.wait(0.3)  # it waits for us
+        assert calling.wait(10)  # the incr is on its way while the block is open
+        assert not incremented.wait(0.5)  # and it waits for us
     thread.join(10)
+    assert got == [11]  # applied after the block's write, on top of it
     assert shared.dict["n"] == 11
 
 
@@ -481,28 +513,30 @@ def test_lock_of_finished_thread_is_released(app, shared: SharedState) -> None: 
     thread = threading.Thread(target=take)
     thread.start()
     thread.join(10)
-    assert shared.lock("left").acquire(timeout=3)
+    assert shared.lock("left").acquire(timeout=10)
     shared.lock("left").release()
 
 
 def test_incr_with_ttl_sets_it_only_on_creation(shared: SharedState) -> None:
     """incr(ttl=...) gives a new key its ttl and leaves an existing key's ttl alone."""
-    assert shared.incr("window", ttl=0.3) == 1
+    assert shared.incr("window", ttl=2.0) == 1
+    created = time.monotonic()  # the window began before this
     first = shared.ttl("window")
-    assert first is not None and first <= 0.3
+    assert first is not None and first <= 2.0
     time.sleep(0.1)
-    assert shared.incr("window", ttl=0.3) == 2
+    assert shared.incr("window", ttl=2.0) == 2  # within the window (unless stalled 1.9 s)
     second = shared.ttl("window")
     assert second is not None and second < first  # not renewed
-    time.sleep(0.3)
-    assert shared.incr("window", ttl=0.3) == 1  # a new window
+    # Past the first window's end: a new window.
+    time.sleep(max(0.0, created + 2.0 + 0.1 - time.monotonic()))
+    assert shared.incr("window", ttl=2.0) == 1
     shared.set("plain", 5)
     shared.incr("plain", ttl=10)
     assert shared.ttl("plain") is None
     with shared.atomic():
         assert shared.incr("in_block", ttl=30) == 1
     remaining = shared.ttl("in_block")
-    assert remaining is not None and 29 < remaining <= 30
+    assert remaining is not None and 20 < remaining <= 30
 
 
 def test_float_incr_rounds_as_python_does(shared: SharedState) -> None:

@@ -157,7 +157,10 @@ def test_server_outlives_its_starter(
         os.kill(starter.pid, signal.SIGKILL)  # type: ignore[arg-type]
     starter.join(30)
     assert not starter.is_alive()
-    time.sleep(1.5)  # longer than the server's owner checks
+    # Its owner is this test process (the starter's parent), not the starter...
+    assert here.state().backend.call("info")["owner_pid"] == os.getpid()
+    # ...so it does not stop: the owner watch (pidfd) would have acted at once.
+    time.sleep(1.5)
     assert pid_alive(pid)
     assert here.get("written_by_starter") == starter.pid
     assert workers.server_pid(here) == pid
@@ -167,50 +170,59 @@ def test_server_outlives_its_starter(
 def test_server_sigkilled_clients_recover(
     transport: str, socket_path: str, procs: list[Any]
 ) -> None:
-    """After SIGKILL of the server, each client's next op succeeds on a new server
-    within the timeout or raises SharedStateUnavailable; none hangs."""
+    """SIGKILL the server while 4 processes use it: each op succeeds or raises
+    SharedStateUnavailable within its bound (none hangs), and every process goes
+    on working on one new server."""
+    timeout = 3.0  # ops_through_server_death's SHAREDSTATE_TIMEOUT
     config = {"SHAREDSTATE_PORT": free_port()} if transport == "tcp" else {}
     here = workers.make_shared(socket_path, **config)
     try:
         here.set("n", 0)
         old = workers.server_pid(here)
-        results = ctx.Queue()
-        stop_at = time.time() + 6
-        for _ in range(4):
-            p = ctx.Process(
-                target=workers.ops_through_server_death,
-                args=(socket_path, results, stop_at, config),
-            )
-            p.start()
-            procs.append(p)
-        wait_for(lambda: (here.get("n") or 0) > 40, timeout=30)
-        os.kill(old, signal.SIGKILL)
-        reports = [results.get(timeout=60) for _ in range(4)]
     finally:
         here.state().backend.close()
+    results, started, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    for _ in range(4):
+        p = ctx.Process(
+            target=workers.ops_through_server_death,
+            args=(socket_path, results, started, stop, config),
+        )
+        p.start()
+        procs.append(p)
+    for _ in range(4):  # every process is working on the old server
+        started.get(timeout=60)
+    os.kill(old, signal.SIGKILL)
+    killed_at = time.monotonic()
+    stop.set()  # each goes on until it has worked on a new server
+    reports = [results.get(timeout=120) for _ in range(4)]
     new_pids = set()
     for outcomes in reports:
         kinds = {o[0] for o in outcomes}
         assert kinds <= {"ok", "unavailable"}, kinds
-        assert max(o[1] for o in outcomes) < 3.0 + 1.0  # the timeout, plus slack
-        # The last operations ran against a new server.
-        assert outcomes[-1][0] == "ok"
-        assert outcomes[-1][2] != old
+        # The kill came while it worked: ops on the old server before, a new one after.
+        assert any(o[2] == old and o[3] < killed_at for o in outcomes)
+        assert outcomes[-1][0] == "ok" and outcomes[-1][2] not in (None, old)
+        assert outcomes[-1][3] > killed_at
+        # An op waits at most for a connection (1 x timeout) and a reply (2 x).
+        assert max(o[1] for o in outcomes) < 3 * timeout + 2
         new_pids.add(outcomes[-1][2])
     assert len(new_pids) == 1
     assert server_pids(os.path.dirname(socket_path)) == list(new_pids)
+    assert not pid_alive(old)
 
 
 #: How soon a SIGKILLed holder's lock or atomic block is free again: at once on the
-#: state server (the connection closes), after the lease (2 s here) on Redis.
-RELEASED_WITHIN = {"manager": 1.0, "redis": 2.0 + 1.0}
+#: state server (the connection closes), after the lease (2 s here) on Redis. The
+#: slack (3 s) is for a loaded machine; it stays below the clients' 5 s timeout,
+#: so a lock that waited for a timeout instead of the disconnect would fail.
+RELEASED_WITHIN = {"manager": 3.0, "redis": 2.0 + 3.0}
 
 
 def test_lock_of_sigkilled_holder_is_released(
     any_backend: str, socket_path: str, procs: list[Any], here: SharedState
 ) -> None:
-    """SIGKILL a process holding the lock: another acquires it within one second
-    (on Redis, once the lease has run out)."""
+    """SIGKILL a process holding the lock: another acquires it at once (on Redis,
+    once the lease has run out)."""
     results = ctx.Queue()
     holder = ctx.Process(target=workers.hold_lock, args=(socket_path, "cart:1", results))
     holder.start()

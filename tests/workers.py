@@ -106,12 +106,18 @@ def hold_atomic(socket_path: str, results: Any) -> None:
 
 
 def ops_through_server_death(
-    socket_path: str, results: Any, stop_at: float, config: dict[str, Any]
+    socket_path: str, results: Any, started: Any, stop: Any, config: dict[str, Any]
 ) -> None:
-    """incr in a loop until ``stop_at``; report each op's outcome and duration."""
+    """incr in a loop; report each op's outcome, duration, server pid and start time.
+
+    Says ``started`` after its first successful op; after ``stop`` it keeps going
+    until an op succeeds on a server other than its first (60 s at most).
+    """
     shared = make_shared(socket_path, timeout=3.0, **config)
-    outcomes = []
-    while time.time() < stop_at:
+    outcomes: list[tuple[str, float, int | None, float]] = []
+    first_pid = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         start = time.monotonic()
         try:
             shared.incr("n")
@@ -120,7 +126,13 @@ def ops_through_server_death(
             outcome = "unavailable"
         except Exception as exc:
             outcome = repr(exc)
-        outcomes.append((outcome, time.monotonic() - start, server_pid_or_none(shared)))
+        pid = server_pid_or_none(shared) if outcome == "ok" else None
+        outcomes.append((outcome, time.monotonic() - start, pid, start))
+        if first_pid is None and pid is not None:
+            first_pid = pid
+            started.put(os.getpid())
+        if stop.is_set() and pid is not None and pid != first_pid:
+            break
         time.sleep(0.005)
     results.put(outcomes)
 
@@ -175,3 +187,20 @@ def start_with_listener(socket_path: str, results: Any) -> None:
 
 def sigkill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_in_namespace(config: dict[str, Any], results: Any, leave: Any) -> None:
+    """An app on ``config``: set "k" and "n", take lock "L", open an atomic block that
+    read (claimed) both, report, and wait for ``leave``; then commit and report what
+    this app sees."""
+    app = Flask("holder_app")
+    app.config.update(config)
+    shared = SharedState(app)
+    shared.set_many({"k": "mine", "n": 0})
+    server = server_pid(shared) if config["SHAREDSTATE_BACKEND"] == "manager" else None
+    with shared.lock("L"), shared.atomic():
+        shared.dict["k"] = shared.dict["k"] + "!"
+        shared.dict["n"] = shared.dict["n"] + 1
+        results.put(("inside", server))
+        leave.wait(60)
+    results.put(("after", dict(shared.dict.items())))
