@@ -20,9 +20,9 @@ import lock_workers
 import pytest
 import redis as redis_client
 
-from flask_sharedstate import SharedState
+from flask_sharedstate import LockNotOwned, SharedState, SharedStateUnavailable
 
-from conftest import _redis, make_app, wait_for
+from conftest import _redis, kill_servers, make_app, server_pids, wait_for
 
 ctx = multiprocessing.get_context("spawn")
 
@@ -161,5 +161,63 @@ def test_redis_lock_of_finished_thread_is_not_renewed(redis_url: str, run_dir: s
         other_thread(lambda: shared.lock("left").acquire())
         assert shared.lock("left").locked()
         wait_for(lambda: not shared.lock("left").locked(), timeout=30, interval=0.1)
+    finally:
+        shared.state().backend.close()
+
+
+# -- the state server: connections ------------------------------------------------------------
+
+
+def manager_shared(run_dir: str, timeout: float = 3.0) -> SharedState:
+    return SharedState(make_app("manager", run_dir, name="lost", SHAREDSTATE_TIMEOUT=timeout))
+
+
+def test_lock_lost_with_its_connection_raises_lock_not_owned(run_dir: str) -> None:
+    """The state server dies while a thread holds a lock; the thread's next call
+    reconnects to a new server, where another client takes the lock: the old
+    holder's release() raises LockNotOwned, and does not free the new holder's lock."""
+    shared = manager_shared(run_dir)
+    other = manager_shared(run_dir)  # another client of the same server
+    try:
+        lock = shared.lock("cart")
+        lock.acquire()
+        kill_servers(run_dir)
+        assert shared.get("anything") is None  # reconnected: a new server
+        assert other.lock("cart").acquire(blocking=False) is True
+        with pytest.raises(LockNotOwned):
+            lock.extend()
+        with pytest.raises(
+            LockNotOwned, match="connection to the state server .* was lost while the lock was held"
+        ):
+            lock.release()
+        assert other.lock("cart").locked()  # the old holder freed nothing
+        other.lock("cart").release()
+    finally:
+        shared.state().backend.close()
+        other.state().backend.close()
+
+
+def test_error_on_one_call_makes_held_locks_not_owned(run_dir: str) -> None:
+    """A call that times out (server stopped) drops the connection, which frees the
+    thread's locks in the server: their release() raises LockNotOwned, not a plain
+    error and not silence. Acquiring again works."""
+    shared = manager_shared(run_dir, timeout=1.0)
+    try:
+        lock = shared.lock("job")
+        lock.acquire()
+        (pid,) = server_pids(run_dir)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(SharedStateUnavailable):
+                shared.get("k")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: other_thread(lambda: shared.lock("job").locked()) is False, 30, 0.1)
+        with pytest.raises(LockNotOwned, match="another process may have taken it"):
+            lock.release()
+        with pytest.raises(RuntimeError, match="not held"):
+            lock.release()  # reported once; now it is simply not held
+        assert lock.acquire(timeout=5)
+        lock.release()
     finally:
         shared.state().backend.close()
