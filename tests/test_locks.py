@@ -168,6 +168,11 @@ def test_redis_lock_of_finished_thread_is_not_renewed(redis_url: str, run_dir: s
 # -- the state server: connections ------------------------------------------------------------
 
 
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1][0]
+
+
 def manager_shared(run_dir: str, timeout: float = 3.0) -> SharedState:
     return SharedState(make_app("manager", run_dir, name="lost", SHAREDSTATE_TIMEOUT=timeout))
 
@@ -201,23 +206,28 @@ def test_error_on_one_call_makes_held_locks_not_owned(run_dir: str) -> None:
     """A call that times out (server stopped) drops the connection, which frees the
     thread's locks in the server: their release() raises LockNotOwned, not a plain
     error and not silence. Acquiring again works."""
-    shared = manager_shared(run_dir, timeout=1.0)
+    shared = manager_shared(run_dir, timeout=2.0)
+    other = manager_shared(run_dir, timeout=10.0)  # patient: the machine may be loaded
     try:
         lock = shared.lock("job")
         lock.acquire()
         (pid,) = server_pids(run_dir)
         os.kill(pid, signal.SIGSTOP)
         try:
+            wait_for(lambda: process_state(pid) == "T", 10)
             with pytest.raises(SharedStateUnavailable):
                 shared.get("k")
         finally:
             os.kill(pid, signal.SIGCONT)
-        wait_for(lambda: other_thread(lambda: shared.lock("job").locked()) is False, 30, 0.1)
+        wait_for(lambda: not other.lock("job").locked(), 30, 0.1)
+        assert other.lock("job").acquire(timeout=10)
         with pytest.raises(LockNotOwned, match="another process may have taken it"):
             lock.release()
         with pytest.raises(RuntimeError, match="not held"):
             lock.release()  # reported once; now it is simply not held
-        assert lock.acquire(timeout=5)
+        other.lock("job").release()
+        assert lock.acquire(timeout=10)
         lock.release()
     finally:
         shared.state().backend.close()
+        other.state().backend.close()
