@@ -429,8 +429,6 @@ class Lock:
 
         :raises LockNotOwned: the lock was lost (see the class).
         :raises RuntimeError: this thread does not hold the lock.
-
-        .. versionadded:: 0.1
         """
         if additional_time is not None and (
             isinstance(additional_time, bool)
