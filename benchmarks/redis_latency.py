@@ -55,7 +55,9 @@ def main() -> int:
                     raise SystemExit("redis-server did not start") from None
                 time.sleep(0.05)
         app = Flask("benchmark")
-        app.config.update(SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url)
+        app.config.update(
+            SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url, SECRET_KEY="benchmark"
+        )
         shared = SharedState(app)
         client.set("plain", 0)
         shared.set("n", 0)

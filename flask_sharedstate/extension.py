@@ -38,7 +38,7 @@ def _make_backend(settings: Settings) -> Backend:
 
         assert settings.redis_url is not None
         return RedisBackend(
-            settings.redis_url, settings.namespace, settings.timeout, settings.lease
+            settings.redis_url, settings.namespace, settings.timeout, settings.lease, settings.key
         )
     from .backends.manager import ManagerBackend
 
@@ -399,7 +399,15 @@ class Lock:
     """A lock shared by every process of the app.
 
     Held by one thread at a time and not reentrant. If the process holding it
-    dies, the state server releases it at once.
+    dies, the state server releases it at once; on Redis, its lease
+    (``SHAREDSTATE_LEASE``) runs out, and while the holder lives a thread of
+    its process renews the lease, so a long critical section keeps its lock.
+
+    A holder that lost its lock without releasing it (on Redis: its lease ran
+    out while the process was stopped or cut off; on the state server: its
+    connection was lost) gets :exc:`~flask_sharedstate.LockNotOwned` from
+    :meth:`release` and :meth:`extend`: another process may have held the lock
+    meanwhile.
     """
 
     def __init__(self, shared: SharedState, name: str) -> None:
@@ -427,8 +435,36 @@ class Lock:
         return True
 
     def release(self) -> None:
-        """Release the lock; RuntimeError if this thread does not hold it."""
+        """Release the lock.
+
+        :raises LockNotOwned: this thread took the lock but lost it since (see
+            the class); another process may have taken it.
+        :raises RuntimeError: this thread does not hold the lock.
+        """
         self._shared.state().backend.call("release", self.name)
+
+    def extend(self, additional_time: float | None = None) -> bool:
+        """Check that this thread still holds the lock, and lengthen its lease.
+
+        On Redis, ``additional_time`` seconds are added to the time left (None:
+        the lease starts again at ``SHAREDSTATE_LEASE``). The lease is renewed
+        while the lock is held anyway; call this to make sure you still hold it
+        before doing what the lock protects. Locks of the state server and of
+        ``memory`` have no lease: there it only checks. Returns True.
+
+        :raises LockNotOwned: the lock was lost (see the class).
+        :raises RuntimeError: this thread does not hold the lock.
+        """
+        if additional_time is not None and (
+            isinstance(additional_time, bool)
+            or not isinstance(additional_time, (int, float))
+            or not additional_time >= 0
+        ):
+            raise ValueError(
+                f"extend(additional_time=...) must be seconds >= 0 or None, not {additional_time!r}"
+            )
+        extra = None if additional_time is None else float(additional_time)
+        return bool(self._shared.state().backend.call("extend", self.name, extra))
 
     def locked(self) -> bool:
         """Whether any process holds the lock now."""

@@ -103,6 +103,7 @@ def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config
         app.config["SHAREDSTATE_NAMESPACE"] = f"{name}-{os.path.basename(run_dir or 'x')}"
         # Redis cannot see a holder go: its locks end with their lease. Keep it short.
         app.config["SHAREDSTATE_LEASE"] = 2.0
+        app.config["SHAREDSTATE_KEY"] = "test-key-for-signing-values"  # Redis values are signed
     if backend == "manager-tcp":
         assert run_dir is not None
         backend = "manager"

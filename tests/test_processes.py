@@ -37,6 +37,7 @@ def any_backend(
             "SHAREDSTATE_REDIS_URL": url,
             "SHAREDSTATE_NAMESPACE": os.path.basename(run_dir),
             "SHAREDSTATE_LEASE": 2.0,
+            "SHAREDSTATE_KEY": "test-key-for-signing-values",
         }
         monkeypatch.setenv("FSS_TEST_BACKEND", json.dumps(config))
     return request.param  # type: ignore[no-any-return]

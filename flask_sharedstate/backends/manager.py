@@ -31,6 +31,7 @@ from ..config import Settings
 from ..errors import (
     AtomicBlockLost,
     AuthenticationError,
+    LockNotOwned,
     LockTimeout,
     NotPersisted,
     SharedStateUnavailable,
@@ -48,6 +49,9 @@ _ERRORS: dict[str, type[Exception]] = {
     "NotPersisted": NotPersisted,
     "AtomicBlockLost": AtomicBlockLost,
 }
+
+#: Operations on a held lock: they fail with LockNotOwned once its connection was lost.
+_LOCK_CHECKS = ("release", "extend")
 
 # Bumped in every forked child: connections of an older generation are the parent's.
 _fork_generation = 0
@@ -141,14 +145,16 @@ class ManagerBackend(Backend):
 
     def close(self) -> None:
         link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            self._drop(link)  # the server releases its locks: they are lost
         self._local.link = None
-        if link is not None and link.generation == _fork_generation:
-            link.close()
 
     def call(self, op: str, *args: Any) -> Any:
         # The server answers at once, except when an operation waits for a lock,
         # an atomic block, or a key claimed by one: at most the timeout it was given.
         entry = catalogue.lookup(op)
+        if op in _LOCK_CHECKS:
+            self._check_not_lost(op, args[0])
         wait = self._wait
         if entry.wait is not None:
             wait += args[entry.wait]
@@ -158,6 +164,13 @@ class ManagerBackend(Backend):
             reply = self._round_trip(link, request, wait)
         except _Broken as broken:
             self._drop(link)
+            if op in _LOCK_CHECKS:
+                if op == "release" and broken.delivered:
+                    # Held until the request went out; released now, by it or by
+                    # the server on the disconnect.
+                    self._lost_locks().discard(args[0])
+                    return None
+                self._check_not_lost(op, args[0])
             if broken.delivered and not entry.read_only:
                 raise SharedStateUnavailable(
                     f"lost the connection to the state server at {self.address} while"
@@ -172,8 +185,45 @@ class ManagerBackend(Backend):
                     f"the state server at {self.address} went away during {op!r}"
                 ) from again.cause
         if reply[0]:
+            if op == "acquire" and reply[1]:
+                self._held_locks(link).add(args[0])
+                self._lost_locks().discard(args[0])
+            elif op == "release":
+                self._held_locks(link).discard(args[0])
             return reply[1]
         raise _ERRORS.get(reply[1], RuntimeError)(*reply[2])
+
+    # -- locks held on a connection --------------------------------------------------
+    # The server releases a connection's locks when it closes. A thread whose
+    # connection was dropped (an error, a timeout, a dead server) has lost them,
+    # and must hear so from release() and extend(), not from a new server that
+    # never heard of them (or, worse, from nobody).
+
+    def _held_locks(self, link: _Link) -> set[str]:
+        """The names of the locks this thread holds on ``link``."""
+        held: tuple[_Link, set[str]] | None = getattr(self._local, "held", None)
+        if held is None or held[0] is not link:
+            held = self._local.held = (link, set())
+        return held[1]
+
+    def _lost_locks(self) -> set[str]:
+        """Names of locks this thread held on a connection since dropped, until released."""
+        lost: tuple[int, set[str]] | None = getattr(self._local, "lost", None)
+        if lost is None or lost[0] != _fork_generation:
+            lost = self._local.lost = (_fork_generation, set())
+        return lost[1]
+
+    def _check_not_lost(self, op: str, name: str) -> None:
+        lost = self._lost_locks()
+        if name in lost:
+            if op == "release":
+                lost.discard(name)  # said once: after that it is simply not held
+            raise LockNotOwned(
+                f"lock {name!r} was lost: the connection to the state server at"
+                f" {self.address} was lost while the lock was held (the server released"
+                " it then), and another process may have taken it since. Work done"
+                " under the lock may have overlapped with another holder's."
+            )
 
     def server_pid(self) -> int:
         """The pid of the server this thread is connected to (connecting if needed)."""
@@ -225,7 +275,12 @@ class ManagerBackend(Backend):
             raise
 
     def _drop(self, link: _Link) -> None:
-        link.close()
+        if link.generation == _fork_generation:  # an inherited link is the parent's
+            link.close()
+        held: tuple[_Link, set[str]] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] is link:
+            self._lost_locks().update(held[1])
+            self._local.held = None
         if getattr(self._local, "link", None) is link:
             self._local.link = None
 

@@ -6,196 +6,50 @@ Layout of a namespace ``ns`` (the ``{ns}`` hash tag keeps it in one cluster slot
   64-bit), ``float`` as text that always has a ``.``, ``e`` or ``n`` in it (it
   reads back as a float; ``incr`` adds in Lua's doubles, as Python does, where
   ``INCRBYFLOAT``'s long doubles would round differently), anything else as a
-  pickle (which always starts with byte ``0x80``). Time to live is Redis's.
+  *signed pickle*: the pickle (which always starts with byte ``0x80``) followed
+  by 32 bytes of HMAC-SHA256, keyed with the app's key, of the Redis key's name
+  and the pickle. A pickle whose signature does not match is refused and never
+  unpickled: whoever can write the app's Redis keys cannot run code in its
+  workers. Time to live is Redis's.
 * ``{ns}:lock:NAME``: a lock, holding its owner's token, with a lease (``PX``)
-  so that a dead holder's lock expires; released only by its own token.
+  so that a dead holder's lock expires; released only by its own token. While
+  a live process holds it, one thread per process renews the lease.
 * ``{ns}:txn``: the namespace's atomic block, a hash of its ``owner`` token and
   a ``c:KEY`` field for each key it has read (claimed), expiring with the
-  lease. Every single-step write is a Lua script that first checks the claims,
-  exactly as the state server's store does, so writes to a claimed key wait
-  and nothing is lost.
+  lease. Every single-step write is a Lua script (``redis_scripts.py``) that
+  first checks the claims, exactly as the state server's store does, so writes
+  to a claimed key wait and nothing is lost.
+* ``{ns}:defaults``: the names of the ``defaults=`` already applied. Defaults
+  are applied on every new connection: a restarted (empty) Redis gets them
+  back before the first command that follows, and a default deleted later is
+  not set again.
 
 A *session* is a token per thread and process, as a connection is for the
 state server. Nothing here imports the extension; ``redis`` is imported only
 when this backend is chosen.
+
+Time bound: every reply is awaited at most ``SHAREDSTATE_TIMEOUT`` (the socket
+timeout), and so is connecting. An operation is one reply on an open
+connection; a lock or atomic wait adds the wait asked for.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, LockTimeout, SharedStateUnavailable
+from ..errors import ConfigError, LockNotOwned, LockTimeout, SharedStateUnavailable
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed
+from .redis_scripts import SCRIPTS
 
-_BLOCKED_CHECK = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for i = FIRST, #KEYS do
-    if redis.call('HEXISTS', KEYS[1], 'c:' .. KEYS[i]) == 1 then return {'blocked'} end
-  end
-end
-"""
-
-
-def _script(body: str, first: int = 2) -> str:
-    """A single-step write: first answer 'blocked' if an open atomic block claims a key."""
-    return _BLOCKED_CHECK.replace("FIRST", str(first)) + body
-
-
-#: KEYS[1] is always the namespace's atomic block: a hash of its 'owner' token and a
-#: 'c:KEY' field for each key it has claimed, expiring with the lease.
-SCRIPTS = {
-    # KEYS: txn, key...; ARGV: ttl ms or '', value...
-    "set": _script("""
-for i = 2, #KEYS do
-  if ARGV[1] == '' then redis.call('SET', KEYS[i], ARGV[i])
-  else redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[1]) end
-end
-return {'ok'}
-"""),
-    # KEYS: txn, key
-    "pop": _script("""
-local v = redis.call('GET', KEYS[2])
-if v then redis.call('DEL', KEYS[2]) end
-return {'ok', v}
-"""),
-    # KEYS: txn, key; ARGV: value, ttl ms or ''
-    "setdefault": _script("""
-local v = redis.call('GET', KEYS[2])
-if v then return {'ok', v} end
-if ARGV[2] == '' then redis.call('SET', KEYS[2], ARGV[1])
-else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-return {'ok', ARGV[1]}
-"""),
-    # KEYS: txn, key; ARGV: delta (as encode() writes it), ttl ms or ''
-    "incr": _script("""
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
-if not string.find(ARGV[1], '[%.eEn]') then
-  local r = redis.pcall('INCRBY', KEYS[2], ARGV[1])
-  if type(r) == 'number' then
-    -- Lua numbers are doubles: past 2^53 return Redis's exact text instead.
-    if r < 9007199254740992 and r > -9007199254740992 then return {'ok', r} end
-    return {'ok', redis.call('GET', KEYS[2])}
-  end
-end
-local v = redis.call('GET', KEYS[2])
-if not v then
-  redis.call('SET', KEYS[2], ARGV[1])
-  return {'ok', ARGV[1]}
-end
-local current = string.byte(v, 1) ~= 128 and tonumber(v)
-if not current then return {'TypeError'} end
-if not string.find(ARGV[1], '[%.eEn]') and not string.find(v, '[%.eEn]') then
-  return {'ValueError'}  -- both integers, yet INCRBY failed: past 64 bits
-end
--- Float arithmetic in Lua's doubles, as Python does it (INCRBYFLOAT's long
--- doubles round differently), written with enough digits to read back exactly;
--- the text stays one that INCRBYFLOAT and other clients understand.
-local r = string.format('%.17g', current + tonumber(ARGV[1]))
-if not string.find(r, '[%.eEn]') then r = r .. '.0' end
-redis.call('SET', KEYS[2], r, 'KEEPTTL')
-return {'ok', r}
-"""),
-    # KEYS: txn, key; ARGV: expected, new
-    "compare_and_set": _script("""
-local v = redis.call('GET', KEYS[2])
-if not v then return {'ok', 0} end
-local same = v == ARGV[1]
-if not same and string.byte(v, 1) ~= 128 and string.byte(ARGV[1], 1) ~= 128 then
-  same = tonumber(v) ~= nil and tonumber(v) == tonumber(ARGV[1])
-end
-if not same then return {'ok', 0} end
-redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-return {'ok', 1}
-"""),
-    # KEYS: txn, key; ARGV: ttl ms or ''
-    "expire": _script("""
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'ok', 0} end
-if ARGV[1] == '' then redis.call('PERSIST', KEYS[2])
-else redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
-return {'ok', 1}
-"""),
-    # KEYS: txn, key...
-    "delete": _script("""
-local n = 0
-for i = 2, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return {'ok', n}
-"""),
-    # KEYS: txn, applied, key...; ARGV: name..., value...
-    "apply_defaults": """
-local n = #KEYS - 2
-local fresh = {}
-for i = 1, n do
-  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then fresh[#fresh + 1] = i end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for _, i in ipairs(fresh) do
-    if redis.call('HEXISTS', KEYS[1], 'c:' .. KEYS[2 + i]) == 1 then return {'blocked'} end
-  end
-end
-for _, i in ipairs(fresh) do
-  redis.call('SADD', KEYS[2], ARGV[i])
-  redis.call('SET', KEYS[2 + i], ARGV[n + i], 'NX')
-end
-return {'ok'}
-""",
-    # KEYS: lock; ARGV: token, lease ms
-    "acquire": """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then return {'reentrant'} end
-if v then return {'busy'} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {'ok'}
-""",
-    # KEYS: lock; ARGV: token
-    "release": """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'notheld'} end
-redis.call('DEL', KEYS[1])
-return {'ok'}
-""",
-    # KEYS: txn, key...; ARGV: token, lease ms, session id or ''
-    "txn_read": """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if ARGV[3] ~= '' and owner ~= ARGV[3] then return {'lost'} end
-if owner and owner ~= ARGV[1] then return {'blocked'} end
-if not owner then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local out = {'ok'}
-for i = 2, #KEYS do
-  redis.call('HSET', KEYS[1], 'c:' .. KEYS[i], '1')
-  out[#out + 1] = redis.call('GET', KEYS[i]) or ''
-end
-return out
-""",
-    # KEYS: txn, key...; ARGV: token, session id or '', (value or '', ttl)...
-    "txn_commit": """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if ARGV[2] ~= '' and owner ~= ARGV[2] then return {'lost'} end
-if owner and owner ~= ARGV[1] then return {'blocked'} end
-for i = 2, #KEYS do
-  local v = ARGV[2 * i - 1]
-  local t = ARGV[2 * i]
-  if v == '' then redis.call('DEL', KEYS[i])
-  elseif t == 'keep' then redis.call('SET', KEYS[i], v, 'KEEPTTL')
-  elseif t == '' then redis.call('SET', KEYS[i], v)
-  else redis.call('SET', KEYS[i], v, 'PX', t) end
-end
-if owner == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return {'ok'}
-""",
-    # KEYS: txn; ARGV: token
-    "txn_abort": """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return {'ok'}
-""",
-}
+#: Bytes of HMAC-SHA256 after each pickle.
+SIGNATURE_SIZE = 32
 
 
 class _Session:
@@ -205,34 +59,13 @@ class _Session:
     the lease runs out: Redis cannot tell that a client is gone.
     """
 
-    __slots__ = ("token", "pid")
+    __slots__ = ("token", "pid", "held")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.token = f"{self.pid}-{uuid.uuid4().hex}"
-
-
-def encode(value: Packed) -> bytes:
-    if type(value) is bytes:
-        return value
-    if type(value) is float:
-        return repr(value).encode()
-    return str(value).encode()
-
-
-def decode(raw: Any) -> Packed | None:
-    """Undo :func:`encode`; None (or b"", a missing value in a script's reply) is absent."""
-    if raw is None or raw == b"":
-        return None
-    if type(raw) is int:  # an integer reply, from INCRBY
-        return raw
-    data = bytes(raw)
-    if data[0] == 0x80:
-        return data
-    text = data.decode()
-    if any(c in text for c in ".eEn"):
-        return float(text)
-    return int(text)
+        #: names of the locks this thread took and has not released (some may be lost)
+        self.held: set[str] = set()
 
 
 def _ms(seconds: float | None) -> str:
@@ -243,10 +76,74 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+class _LeaseRenewer:
+    """Renews the leases of the locks this process holds, from one daemon thread.
+
+    A lock is renewed (back to the full lease, every third of it) while the
+    thread that took it is alive and has not released it; a lock whose holder
+    thread ended, or that was lost, is dropped. A process that dies or stops
+    renews nothing, so its locks expire after the lease as before. Failed
+    renewals (Redis unreachable) are tried again at the next tick; a holder
+    whose lease ran out meanwhile learns it from ``release`` (LockNotOwned).
+    """
+
+    def __init__(self, renew: Callable[[list[tuple[str, str]]], list[bool]], lease: float) -> None:
+        self._renew = renew
+        self._interval = lease / 3
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also after fork: the parent's thread, locks and entries are not the child's.
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._held: dict[tuple[str, str], threading.Thread] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, key: str, token: str) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            self._held[(key, token)] = threading.current_thread()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="flask-sharedstate lease renewal", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, key: str, token: str) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            self._held.pop((key, token), None)
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                cond.wait(self._interval)
+                for item, thread in list(self._held.items()):
+                    if not thread.is_alive():
+                        del self._held[item]
+                if not self._held:
+                    self._thread = None
+                    return
+                batch = list(self._held)
+            try:
+                renewed = self._renew(batch)
+            except Exception:  # noqa: S110 - Redis unreachable: try again next tick
+                continue
+            with cond:
+                for item, ok in zip(batch, renewed, strict=True):
+                    if not ok:
+                        self._held.pop(item, None)
+
+
 class RedisBackend(Backend):
     name = "redis"
 
-    def __init__(self, url: str, namespace: str, timeout: float, lease: float) -> None:
+    def __init__(
+        self, url: str, namespace: str, timeout: float, lease: float, key: bytes | None
+    ) -> None:
         try:
             import redis
             from redis.backoff import NoBackoff
@@ -256,59 +153,98 @@ class RedisBackend(Backend):
                 "SHAREDSTATE_BACKEND = 'redis' needs the redis client:"
                 " pip install 'Flask-SharedState[redis]'"
             ) from None
+        if not key:
+            raise ConfigError(
+                "SHAREDSTATE_BACKEND = 'redis' signs the values it stores, so that whoever"
+                " can write to Redis cannot run code in the app: set SHAREDSTATE_KEY (e.g."
+                " secrets.token_hex(32)), or SECRET_KEY, to the same value on every machine"
+                " of the app."
+            )
         self._redis = redis
         self.address = _redact(url)
+        self._namespace = namespace
         self._timeout = timeout
+        self._lease = lease
         self._lease_ms = _ms(lease)
+        self._sign_key = hmac.digest(key, b"flask-sharedstate redis values", "sha256")
         # No silent retries: a write whose reply was lost must not be applied twice.
+        # Each reply, and connecting, is bounded by the timeout; new connections
+        # apply the defaults (_connected) before their first command.
         self.client = redis.Redis.from_url(
             url,
-            socket_timeout=2 * timeout,
+            socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            redis_connect_func=self._connected,
         )
         tag = "{" + namespace + "}:"
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"
         self._txn = tag + "txn"
         self._applied = tag + "defaults"
-        self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
+        self._scripts = {name: self.client.register_script(body) for name, body in SCRIPTS.items()}
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
-        self._defaults_pid = 0
+        self._renewer = _LeaseRenewer(self._renew, lease)
 
     # -- the interface ---------------------------------------------------------
 
     def set_defaults(self, defaults: list[tuple[str, Packed]]) -> None:
+        # Applied by every new connection (none is open at init_app): see _connected.
         self._defaults = list(defaults)
-        self._defaults_pid = 0  # applied on the next call, not now: init_app connects nowhere
+        self.close()
 
     def close(self) -> None:
         self.client.connection_pool.disconnect()
 
     def call(self, op: str, *args: Any) -> Any:
-        if op not in OPERATIONS:
+        entry = OPERATIONS.get(op)
+        if entry is None:
             raise ValueError(f"unknown operation {op!r}")
         method = getattr(self, "op_" + op)
         redis = self._redis
         for attempt in (1, 2):
             try:
-                if self._defaults and self._defaults_pid != os.getpid():
-                    self.op_apply_defaults(self._defaults)
-                    self._defaults_pid = os.getpid()
                 return method(*args)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Redis may come back empty (restarted): give it the defaults again.
-                self._defaults_pid = 0
-                if attempt == 1 and OPERATIONS[op].read_only:
-                    continue  # a read is safe to send again
+                # A read is safe to send again, on a new connection, after a dropped
+                # one (Redis restarting); not after a timeout: that would double it.
+                if attempt == 1 and entry.read_only and not isinstance(exc, redis.TimeoutError):
+                    continue
                 raise SharedStateUnavailable(
-                    f"Redis at {self.address} did not answer {op!r}"
-                    f" ({type(exc).__name__}: {exc}); if it was a write, it may or may"
-                    " not have been applied."
+                    f"Redis at {self.address} did not answer {op!r} within"
+                    f" {self._timeout:g}s (SHAREDSTATE_TIMEOUT) ({type(exc).__name__}:"
+                    f" {exc}); if it was a write, it may or may not have been applied."
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- connections ------------------------------------------------------------------
+
+    def _connected(self, connection: Any) -> None:
+        """redis-py's hook for a new connection: handshake, then apply the defaults.
+
+        A connection is new after Redis restarted (redis-py reconnects without a
+        word), so the defaults come back before the first command that needs
+        them. They are set only where absent and never twice (``{ns}:defaults``),
+        so applying them on every new connection costs one round trip and no reset.
+        """
+        connection.on_connect()
+        if not self._defaults:
+            return
+        items = self._defaults
+        keys = [self._txn, self._applied, *[self._key(k) for k, _ in items]]
+        args = [*[k for k, _ in items], *[self._encode(k, v) for k, v in items]]
+        try:
+            # On this connection itself: the pool would open another one (and recurse).
+            self._poll(
+                lambda: _raw_eval(connection, SCRIPTS["apply_defaults"], keys, args),
+                "apply_defaults",
+                None,
+            )
+        except BaseException:
+            connection.disconnect()
+            raise
 
     # -- sessions and script calls ----------------------------------------------
 
@@ -325,37 +261,30 @@ class RedisBackend(Backend):
         return self._prefix + key
 
     def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script by its hash (one round trip), loading it first if Redis lacks it."""
-        try:
-            return self.client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", self._shas[name], len(keys), *keys, *args
-            )
-        except self._redis.exceptions.NoScriptError:
-            self.client.script_load(SCRIPTS[name])
-            return self.client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", self._shas[name], len(keys), *keys, *args
-            )
+        """Run a script: one EVALSHA (redis-py loads it first if Redis lacks it)."""
+        return self._scripts[name](keys=keys, args=args)
 
     def _run(
         self, name: str, keys: list[str], args: list[Any], timeout: float | None = None
     ) -> Any:
         """Run a script; while it answers 'blocked', wait and try again until the timeout."""
+        return self._poll(lambda: self._eval(name, keys, args), name, timeout)
+
+    def _poll(self, send: Callable[[], Any], name: str, timeout: float | None) -> Any:
         deadline = None
         pause = 0.001
+        wait = self._timeout if timeout is None else timeout
         while True:
-            reply = self._eval(name, keys, args)
+            reply = send()
             status = reply[0]
             if status != b"blocked":
                 return reply
             now = time.monotonic()
             if deadline is None:
-                deadline = now + (self._timeout if timeout is None else timeout)
+                deadline = now + wait
             if now >= deadline:
                 what = "an atomic block" if name.startswith("txn") else "a write to a key"
-                raise LockTimeout(
-                    f"{what} held by an atomic block waited"
-                    f" {self._timeout if timeout is None else timeout:g}s"
-                )
+                raise LockTimeout(f"{what} held by an atomic block waited {wait:g}s")
             time.sleep(min(pause, deadline - now))
             pause = min(pause * 2, 0.05)
 
@@ -377,10 +306,55 @@ class RedisBackend(Backend):
         cut = len(self._prefix)
         return [k.decode()[cut:] for k in self.client.scan_iter(match=match, count=1000)]
 
+    # -- values: numbers as text, anything else a signed pickle ---------------------
+
+    def _signature(self, key: str, pickle: bytes) -> bytes:
+        name = self._key(key).encode()
+        message = len(name).to_bytes(4, "big") + name + pickle
+        return hmac.digest(self._sign_key, message, "sha256")
+
+    def _encode(self, key: str, value: Packed) -> bytes:
+        if type(value) is bytes:
+            return value + self._signature(key, value)
+        if type(value) is float:
+            return repr(value).encode()
+        return str(value).encode()
+
+    def _decode(self, key: str, raw: Any) -> Packed | None:
+        """Undo :meth:`_encode`; None (or b"", absent in a script's reply) is absent.
+
+        :raises ValueError: the value is neither a number nor a pickle signed
+            with this app's key for this key; it is not unpickled.
+        """
+        if raw is None or raw == b"":
+            return None
+        if type(raw) is int:  # an integer reply, from INCRBY
+            return raw
+        data = bytes(raw)
+        if data[0] == 0x80:
+            pickle, signature = data[:-SIGNATURE_SIZE], data[-SIGNATURE_SIZE:]
+            if len(data) > SIGNATURE_SIZE and hmac.compare_digest(
+                signature, self._signature(key, pickle)
+            ):
+                return pickle
+        else:
+            try:
+                text = data.decode("ascii")
+                return float(text) if any(c in text for c in ".eEn") else int(text)
+            except ValueError:
+                pass
+        raise ValueError(
+            f"the value of key {key!r} in Redis ({self.address}, namespace"
+            f" {self._namespace!r}) is not signed with this app's key, so it was not"
+            " unpickled: something other than this app wrote it (or an app with another"
+            " SHAREDSTATE_KEY or SECRET_KEY, or it was copied from another key). Delete the"
+            " key, or give every app sharing the namespace the same SHAREDSTATE_KEY."
+        )
+
     # -- the operations (as in server/store.py's Session) -------------------------
 
     def op_get(self, key: str) -> Packed | None:
-        return decode(self.client.get(self._key(key)))
+        return self._decode(key, self.client.get(self._key(key)))
 
     def op_contains(self, key: str) -> bool:
         return bool(self.client.exists(self._key(key)))
@@ -388,32 +362,40 @@ class RedisBackend(Backend):
     def op_get_many(self, keys: list[str]) -> list[Packed | None]:
         if not keys:
             return []
-        return [decode(v) for v in self.client.mget([self._key(k) for k in keys])]
+        values = self.client.mget([self._key(k) for k in keys])
+        return [self._decode(k, v) for k, v in zip(keys, values, strict=True)]
 
     def op_set(self, key: str, value: Packed, ttl: float | None = None) -> None:
-        self._write("set", [self._key(key)], _ms(ttl), encode(value))
+        self._write("set", [self._key(key)], _ms(ttl), self._encode(key, value))
 
     def op_set_many(self, items: list[tuple[str, Packed]], ttl: float | None = None) -> None:
         if items:
             keys = [self._key(k) for k, _ in items]
-            self._write("set", keys, _ms(ttl), *[encode(v) for _, v in items])
+            self._write("set", keys, _ms(ttl), *[self._encode(k, v) for k, v in items])
 
     def op_delete(self, key: str) -> bool:
         return bool(self._write("delete", [self._key(key)])[1])
 
     def op_pop(self, key: str) -> Packed | None:
         reply = self._write("pop", [self._key(key)])
-        return decode(reply[1]) if len(reply) > 1 else None
+        return self._decode(key, reply[1]) if len(reply) > 1 else None
 
     def op_setdefault(self, key: str, value: Packed, ttl: float | None = None) -> Packed | None:
-        return decode(self._write("setdefault", [self._key(key)], encode(value), _ms(ttl))[1])
+        reply = self._write("setdefault", [self._key(key)], self._encode(key, value), _ms(ttl))
+        return self._decode(key, reply[1])
 
     def op_incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> Packed | None:
-        reply = self._write("incr", [self._key(key)], encode(delta), _ms(ttl))
-        return decode(reply[1])
+        reply = self._write("incr", [self._key(key)], self._encode(key, delta), _ms(ttl))
+        return self._decode(key, reply[1])
 
     def op_compare_and_set(self, key: str, expected: Packed, new: Packed) -> bool:
-        reply = self._write("compare_and_set", [self._key(key)], encode(expected), encode(new))
+        # Signatures are deterministic: equal pickles are equal signed pickles.
+        reply = self._write(
+            "compare_and_set",
+            [self._key(key)],
+            self._encode(key, expected),
+            self._encode(key, new),
+        )
         return bool(reply[1])
 
     def op_expire(self, key: str, seconds: float | None) -> bool:
@@ -443,19 +425,21 @@ class RedisBackend(Backend):
 
     def op_apply_defaults(self, items: list[tuple[str, Packed]]) -> None:
         keys = [self._txn, self._applied, *[self._key(k) for k, _ in items]]
-        args = [*[k for k, _ in items], *[encode(v) for _, v in items]]
+        args = [*[k for k, _ in items], *[self._encode(k, v) for k, v in items]]
         self._run("apply_defaults", keys, args)
+
+    # -- locks ----------------------------------------------------------------------
 
     def op_acquire(self, name: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         pause = 0.001
+        key = self._lock_prefix + name
         while True:
             session = self._session()
-            reply = self._eval(
-                "acquire", [self._lock_prefix + name], [session.token, self._lease_ms]
-            )
-            status = reply[0]
+            status = self._eval("acquire", [key], [session.token, self._lease_ms])[0]
             if status == b"ok":
+                session.held.add(name)
+                self._renewer.add(key, session.token)
                 return True
             if status == b"reentrant":
                 raise RuntimeError(
@@ -470,15 +454,46 @@ class RedisBackend(Backend):
             pause = min(pause * 2, 0.05)
 
     def op_release(self, name: str) -> None:
-        reply = self._eval("release", [self._lock_prefix + name], [self._token()])
+        session = self._session()
+        key = self._lock_prefix + name
+        self._renewer.discard(key, session.token)
+        reply = self._eval("release", [key], [session.token])
+        held = name in session.held
+        session.held.discard(name)
         if reply[0] != b"ok":
-            raise RuntimeError(
-                f"lock {name!r} is not held by this client (or its lease of"
-                f" {int(self._lease_ms) / 1000:g}s ran out: SHAREDSTATE_LEASE)"
-            )
+            raise self._not_held(name, held)
+
+    def op_extend(self, name: str, additional: float | None = None) -> bool:
+        session = self._session()
+        extra = "" if additional is None else str(int(additional * 1000))
+        key = self._lock_prefix + name
+        reply = self._eval("extend", [key], [session.token, self._lease_ms, extra])
+        if reply[0] != b"ok":
+            self._renewer.discard(key, session.token)
+            raise self._not_held(name, name in session.held)
+        return True
+
+    def _not_held(self, name: str, taken: bool) -> RuntimeError:
+        if not taken:
+            return RuntimeError(f"lock {name!r} is not held by this client")
+        return LockNotOwned(
+            f"lock {name!r} was no longer held by this client: its lease of"
+            f" {self._lease:g}s (SHAREDSTATE_LEASE) ran out before it was renewed (the"
+            " process was stopped or could not reach Redis, or Redis restarted), and"
+            " another process may have taken it meanwhile. Work done under the lock"
+            " may have overlapped with another holder's."
+        )
+
+    def _renew(self, batch: list[tuple[str, str]]) -> list[bool]:
+        """One round trip for every lock this process holds: renewed, or lost."""
+        keys = [key for key, _ in batch]
+        reply = self._eval("renew", keys, [self._lease_ms, *[token for _, token in batch]])
+        return [bool(ok) for ok in reply]
 
     def op_locked(self, name: str) -> bool:
         return bool(self.client.exists(self._lock_prefix + name))
+
+    # -- atomic blocks ------------------------------------------------------------------
 
     def op_txn_read(
         self, keys: list[str], timeout: float, session_id: str | None = None
@@ -493,7 +508,7 @@ class RedisBackend(Backend):
         )
         if reply[0] == b"lost":
             raise _lost()
-        return token, [decode(v) for v in reply[1:]]
+        return token, [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
 
     def op_txn_commit(
         self,
@@ -502,8 +517,8 @@ class RedisBackend(Backend):
         session_id: str | None = None,
     ) -> None:
         args: list[Any] = [self._token(), session_id or ""]
-        for _, value, ttl in writes:
-            args.append(b"" if value is None else encode(value))
+        for key, value, ttl in writes:
+            args.append(b"" if value is None else self._encode(key, value))
             args.append("keep" if ttl == "keep" else _ms(ttl))
         keys = [self._txn, *[self._key(k) for k, _, _ in writes]]
         reply = self._run("txn_commit", keys, args, timeout)
@@ -514,10 +529,10 @@ class RedisBackend(Backend):
         self._eval("txn_abort", [self._txn], [self._token()])
 
 
-def _sha1(script: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(script.encode()).hexdigest()
+def _raw_eval(connection: Any, script: str, keys: list[str], args: list[Any]) -> Any:
+    """EVAL on one connection, bypassing the pool (for the new-connection hook)."""
+    connection.send_command("EVAL", script, len(keys), *keys, *args)
+    return connection.read_response()
 
 
 def _lost() -> RuntimeError:

@@ -53,6 +53,7 @@ OPERATIONS: dict[str, Operation] = _catalogue(
     Operation("apply_defaults"),
     Operation("acquire", wait=1),
     Operation("release"),
+    Operation("extend"),
     Operation("locked", read_only=True),
     Operation("txn_read", wait=1),
     Operation("txn_commit", wait=1),

@@ -513,6 +513,13 @@ class Session:
         del self.space.locks[name]
         self.store.cond.notify_all()
 
+    def extend(self, name: str, additional: float | None = None) -> bool:
+        """Check that this session holds lock ``name``. Locks here have no lease to
+        extend: they are held until released or until the session closes."""
+        if self.space.locks.get(name) is not self:
+            raise RuntimeError(f"lock {name!r} is not held by this client")
+        return True
+
     def locked(self, name: str) -> bool:
         return name in self.space.locks
 
