@@ -21,6 +21,7 @@ from typing import Any
 from flask import Flask
 
 from .errors import ConfigError
+from .server.protocol import MAX_SECONDS
 
 #: Every key, with its default. ``None`` means unset.
 DEFAULTS: dict[str, Any] = {
@@ -162,8 +163,12 @@ def _seconds(config: Any, key: str) -> float:
             value = float(value)
         except ValueError:
             raise _fail(key, value, "a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(key, value, "a positive number of seconds")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= MAX_SECONDS  # also refuses nan
+    ):
+        raise _fail(key, value, f"a positive number of seconds, at most {MAX_SECONDS:g}")
     return float(value)
 
 

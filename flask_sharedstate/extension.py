@@ -428,9 +428,8 @@ class Lock:
             return bool(state.backend.call("acquire", self.name, 0.0))
         if timeout is None:
             timeout = state.settings.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f"acquire(timeout=...) must be seconds >= 0, not {timeout!r}")
-        if not state.backend.call("acquire", self.name, float(timeout)):
+        timeout = check_timeout("acquire(timeout=...)", timeout)
+        if not state.backend.call("acquire", self.name, timeout):
             raise LockTimeout(f"lock {self.name!r} was not free within {timeout:g}s")
         return True
 

@@ -121,3 +121,14 @@ def test_runtime_dir_skips_an_xdg_runtime_dir_of_another_user(
         assert not runtime_dir().startswith(other + "/")
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+@pytest.mark.parametrize("key", ["SHAREDSTATE_TIMEOUT", "SHAREDSTATE_LEASE"])
+@pytest.mark.parametrize("value", [float("inf"), 1e300, float("nan"), 2e9])
+def test_seconds_keys_are_bounded(key: str, value: float) -> None:
+    """SHAREDSTATE_TIMEOUT and SHAREDSTATE_LEASE take finite seconds up to 1e9: a value no
+    backend can wait for is a ConfigError naming the key, not a failure at first use."""
+    app = Flask("bounded")
+    app.config[key] = value
+    with pytest.raises(ConfigError, match=key):
+        SharedState(app)

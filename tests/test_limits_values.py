@@ -97,6 +97,13 @@ def test_bad_atomic_timeout_is_refused(shared: SharedState, timeout: Any) -> Non
             shared.dict.get("a")
 
 
+@pytest.mark.parametrize("timeout", BAD_SECONDS + [MAX_TIMEOUT * 2])
+def test_bad_acquire_timeout_is_refused(shared: SharedState, timeout: Any) -> None:
+    """acquire(timeout=...) must be finite seconds from 0 to the maximum: ValueError says so."""
+    with pytest.raises(ValueError, match=r"acquire\(timeout=\.\.\.\).*0 to 1e\+09"):
+        shared.lock("x").acquire(timeout=timeout)
+
+
 @pytest.mark.parametrize("ttl", BAD_SECONDS + [0, MAX_TTL * 2])
 def test_bad_ttl_is_refused_by_every_operation(shared: SharedState, ttl: Any) -> None:
     """Every operation that takes a ttl refuses a bad one with ValueError, writing nothing."""
@@ -150,6 +157,8 @@ def test_bad_call_keeps_the_locks_held(run_dir: str, backend_name: str) -> None:
         lambda: shared.set_many({"a": big, "b": big}),
         lambda: shared.set("a", 1, ttl=1e300),
         lambda: shared.set("a", 1, ttl=math.inf),
+        lambda: shared.lock("other").acquire(timeout=math.inf),
+        lambda: shared.lock("other").acquire(timeout=1e300),
     ]
     with app.app_context():
         lock = shared.lock("held")
