@@ -28,7 +28,6 @@ import threading
 import time
 from typing import Any
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask, abort, request, session
 from flask_caching import Cache
 from flask_limiter import Limiter
@@ -162,6 +161,8 @@ _scheduler_lock = threading.Lock()
 def start_scheduler(app: Flask) -> None:
     """Start this process's scheduler (once). gunicorn.conf.py calls it in each worker
     (``post_worker_init``); leadership makes the job run in one worker at a time."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     with _scheduler_lock:
         if "scheduler" not in app.extensions:
             scheduler = BackgroundScheduler(daemon=True)
