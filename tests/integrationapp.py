@@ -87,6 +87,14 @@ def cached_view() -> str:
     return f"rendered by {os.getpid()}"
 
 
+@app.get("/cold")
+@cache.cached(timeout=60)
+def cold_view() -> str:
+    shared.incr("cold_runs")
+    time.sleep(0.3)
+    return f"rendered by {os.getpid()}"
+
+
 @app.get("/once")
 def once() -> dict[str, object]:
     def compute() -> str:
@@ -120,39 +128,39 @@ def logout() -> str:
     return "ok"
 
 
-# -- leadership: a job every 0.5 s that only the leader runs --------------------------
+# -- leadership: an APScheduler job every 0.5 s that only the leader runs ------------
 
 TICK = 0.5
 
 
-def _ticker() -> None:
-    """Each process ticks on the same 0.5 s grid; only the leader records the tick."""
+def tick() -> None:
+    """Every worker's scheduler fires on the same 0.5 s grid; only the leader records."""
+    slot = round(time.time() / TICK)
     with app.app_context():
-        while True:
-            now = time.time()
-            slot = int(now / TICK) + 1
-            time.sleep(slot * TICK - now)
-            try:
-                if shared.leader("ticker"):
-                    shared.set(f"tick:{slot}", os.getpid())
-                    shared.incr(f"ran:{slot}")
-            except Exception:  # noqa: BLE001 - a tick lost to an outage is skipped
-                pass
+        if shared.leader("ticker"):
+            shared.set(f"tick:{slot}", os.getpid())
+            shared.incr(f"ran:{slot}")
+
+
+_scheduler_lock = threading.Lock()
+_scheduler: list[object] = []
 
 
 @app.post("/ticker")
 def start_ticker() -> dict[str, object]:
-    """Start this worker's ticker (once), as a scheduler would."""
-    with _ticker_lock:
-        global _ticker_started
-        if not _ticker_started:
-            threading.Thread(target=_ticker, daemon=True).start()
-            _ticker_started = True
+    """Start this worker's scheduler (once), on a grid shared by every worker."""
+    from datetime import datetime, timezone
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    with _scheduler_lock:
+        if not _scheduler:
+            scheduler = BackgroundScheduler(daemon=True)
+            start = datetime.fromtimestamp(int(time.time()) + 1, timezone.utc)
+            scheduler.add_job(tick, "interval", seconds=TICK, start_date=start)
+            scheduler.start()
+            _scheduler.append(scheduler)
     return {"pid": os.getpid(), "leader": shared.leader("ticker")}
-
-
-_ticker_lock = threading.Lock()
-_ticker_started = False
 
 
 @app.get("/ticks")
