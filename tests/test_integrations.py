@@ -116,23 +116,36 @@ def test_memory_storage_is_per_process(site: Site) -> None:
     assert passed > 100, f"only {passed} passed: the load may not have reached several workers"
 
 
-def test_flask_limiter_cli_shows_shared_counts(site: Site, run_dir: str) -> None:
-    """`flask limiter limits` reads the same counters the workers wrote."""
-    site.load("/limited/fixed-window", 7, {"X-Client": "cli"}, concurrency=4)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
-    env["FLASK_SHAREDSTATE_SOCKET"] = os.path.join(run_dir, "state.sock")
-    env.update(site.env)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flask_limiter_cli_shows_shared_counts(
+    backend: str, request: pytest.FixtureRequest, servers: list[Server], run_dir: str
+) -> None:
+    """`flask limiter limits --key K` reads the counts the gunicorn workers wrote (the
+    example app, whose /api/quote allows 10 per minute)."""
+    env = {"FLASK_SHAREDSTATE_BACKEND": backend}
+    if backend == "redis":
+        env["FLASK_SHAREDSTATE_REDIS_URL"] = request.getfixturevalue("redis_url")
+        env["FLASK_SHAREDSTATE_NAMESPACE"] = f"cli-{os.path.basename(run_dir)}"
+    server = start_gunicorn(run_dir, "-w", "4", env=env)
+    servers.append(server)
+    site = Site(server, env)
+    replies = site.load("/api/quote", 7, {"X-Api-Key": "cli-client"}, concurrency=4)
+    assert statuses(replies) == {200: 7}
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, full_env.get("PYTHONPATH", "")])
+    full_env["FLASK_SHAREDSTATE_SOCKET"] = os.path.join(run_dir, "state.sock")
+    full_env.update(env)
     result = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "integrationapp:app", "limiter", "limits"],
+        [sys.executable, "-m", "flask", "--app", "loadapp:app", "limiter", "limits"]
+        + ["--key", "cli-client", "--endpoint", "quote"],
         capture_output=True,
         text=True,
-        env=env,
+        env=full_env,
         cwd=ROOT,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "100 per 1 minute" in result.stdout, result.stdout
+    assert "3 out of 10 remaining" in result.stdout, result.stdout
 
 
 def test_cached_view_runs_once_when_warm(site: Site) -> None:
