@@ -11,18 +11,14 @@ of ``--ops`` operations, in microseconds. Run::
 
 from __future__ import annotations
 
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 
 import redis
 import timing
 from flask import Flask
+from redisserver import redis_server
 
 from flask_sharedstate import SharedState
 
@@ -30,30 +26,8 @@ from flask_sharedstate import SharedState
 def main() -> int:
     parser = timing.parser(__doc__ or "")
     args = parser.parse_args()
-    server = shutil.which("redis-server")
-    if server is None:
-        print("this benchmark needs redis-server: apt-get install redis-server", file=sys.stderr)
-        return 2
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    folder = tempfile.mkdtemp(prefix="fss-redis-bench-")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
+    with redis_server() as url:
         client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start") from None
-                time.sleep(0.05)
         app = Flask("benchmark")
         app.config.update(
             SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url, SECRET_KEY="benchmark"
@@ -76,7 +50,7 @@ def main() -> int:
             for name, op in cases.items():
                 results[name].append(timing.microseconds_per_op(op, args.ops))
         median = {name: statistics.median(v) for name, v in results.items()}
-        print(f"{args.rounds} rounds of {args.ops} operations, one client, redis-server {port}")
+        print(f"{args.rounds} rounds of {args.ops} operations, one client, {url}")
         print(f"{'case':24} {'µs/op':>8} {'x redis-py':>11}")
         for ours, plain in (("get", "GET"), ("set", "SET"), ("incr", "INCR")):
             base = median[f"redis-py {plain}"]
@@ -86,10 +60,6 @@ def main() -> int:
         shared.state().backend.close()
         client.close()
         return 0
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 - ``GET /``: the seed's hit counter (``shared.incr``);
 - ``POST /cart`` and ``GET /cart``: a cart edited in place under ``@shared.atomic``;
-- ``GET /api/quote``: a per-client rate limit (``incr`` with a ``ttl`` window);
+- ``GET /api/quote``: a per-client rate limit with Flask-Limiter on
+  ``sharedstate://`` (RATE_LIMIT per minute, counted across workers);
 - ``GET /flags``, ``PUT /flags/<name>``, ``GET /hello``: feature flags that
   one request sets and every worker reads at once;
+- ``GET /report``: a slow view cached with Flask-Caching on the shared state;
+- ``POST /login/<name>``, ``GET /me``, ``POST /logout``: a Flask-Session login
+  that every worker sees;
+- a job every 10 seconds (APScheduler in every worker) that only the leader
+  (``shared.leader("cleanup")``) runs: ``GET /jobs`` shows its runs;
 - ``GET /stats``: the counter and the pid of the worker that answered.
 
 Run it under gunicorn with four worker processes (``gunicorn.conf.py`` is
@@ -18,23 +24,43 @@ next to this file)::
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
-from flask import Flask, abort, request
+from flask import Flask, abort, request, session
+from flask_caching import Cache
+from flask_limiter import Limiter
+from flask_session import Session
 
 from flask_sharedstate import SharedState, SharedStateUnavailable
+from flask_sharedstate.caching import SharedStateCache
 
 shared = SharedState()
+cache = Cache()
+
+
+def client_key() -> str:
+    return request.headers.get("X-Api-Key") or request.remote_addr or "anonymous"
+
+
+limiter = Limiter(client_key, storage_uri="sharedstate://")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
-    app.config["RATE_LIMIT"] = 10  # requests per client per window
-    app.config["RATE_WINDOW"] = 60.0  # seconds
+    app.config["SECRET_KEY"] = "change-me: the example's secret, not yours"
+    app.config["RATE_LIMIT"] = 10  # requests per client per minute
+    app.config["CACHE_TYPE"] = "flask_sharedstate.caching.SharedStateCache"
+    app.config["SESSION_TYPE"] = "cachelib"
+    app.config["SESSION_CACHELIB"] = SharedStateCache(key_prefix="session:")
     app.config.from_prefixed_env()  # FLASK_SHAREDSTATE_SOCKET=..., FLASK_RATE_LIMIT=...
     if config:
         app.config.update(config)
     shared.init_app(app, defaults={"hits": 0, "cart": [], "flags": {"shout": False}})
+    limiter.init_app(app)
+    cache.init_app(app)
+    Session(app)
 
     @app.errorhandler(SharedStateUnavailable)
     def state_unavailable(error: SharedStateUnavailable) -> tuple[dict[str, str], int]:
@@ -65,15 +91,35 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return {"cart": shared.get("cart")}
 
     @app.get("/api/quote")
-    def quote() -> tuple[dict[str, Any], int]:
-        """Rate limited per client: RATE_LIMIT requests per RATE_WINDOW seconds."""
-        client = request.headers.get("X-Api-Key") or request.remote_addr or "anonymous"
-        used = shared.incr(f"rate:{client}", ttl=app.config["RATE_WINDOW"])
-        limit = app.config["RATE_LIMIT"]
-        headers = {"X-RateLimit-Remaining": max(limit - used, 0)}
-        if used > limit:
-            return {"error": "rate limit exceeded", **headers}, 429
-        return {"quote": "Simple is better than complex.", **headers}, 200
+    @limiter.limit(lambda: f"{app.config['RATE_LIMIT']}/minute")
+    def quote() -> dict[str, Any]:
+        """Rate limited per client by Flask-Limiter, counted in the shared state."""
+        return {"quote": "Simple is better than complex."}
+
+    @app.get("/report")
+    @cache.cached(timeout=30)
+    def report() -> dict[str, Any]:
+        """A slow view: computed once, then served to every worker from the cache."""
+        time.sleep(0.5)
+        return {"rendered_by": os.getpid(), "at": time.time()}
+
+    @app.post("/login/<name>")
+    def login(name: str) -> dict[str, Any]:
+        session["user"] = name
+        return {"user": name}
+
+    @app.get("/me")
+    def me() -> dict[str, Any]:
+        return {"user": session.get("user"), "worker": os.getpid()}
+
+    @app.post("/logout")
+    def logout() -> dict[str, Any]:
+        session.clear()
+        return {"user": None}
+
+    @app.get("/jobs")
+    def jobs() -> dict[str, Any]:
+        return {"cleanup_runs": shared.get("cleanup_runs", 0), "by": shared.get("cleanup_by")}
 
     @app.get("/flags")
     def flags() -> dict[str, Any]:
@@ -96,3 +142,30 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return greeting + "\n"
 
     return app
+
+
+def cleanup(app: Flask) -> None:
+    """The scheduled job: every worker's scheduler calls it, only the leader works."""
+    with app.app_context():
+        try:
+            if shared.leader("cleanup"):
+                shared.incr("cleanup_runs")
+                shared.set("cleanup_by", os.getpid())
+        except SharedStateUnavailable:
+            pass  # the state server is restarting: the next run will do
+
+
+_scheduler_lock = threading.Lock()
+
+
+def start_scheduler(app: Flask) -> None:
+    """Start this process's scheduler (once). gunicorn.conf.py calls it in each worker
+    (``post_worker_init``); leadership makes the job run in one worker at a time."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    with _scheduler_lock:
+        if "scheduler" not in app.extensions:
+            scheduler = BackgroundScheduler(daemon=True)
+            scheduler.add_job(cleanup, "interval", seconds=10, args=[app])
+            scheduler.start()
+            app.extensions["scheduler"] = scheduler

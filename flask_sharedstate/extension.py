@@ -9,6 +9,7 @@ to its backend or into the atomic block that is open in this context.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import threading
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextvars import ContextVar
@@ -23,6 +24,8 @@ from .errors import LockTimeout, SharedStateError
 from .operations import MISSING, Direct, Operations, check_timeout
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_leaders_lock = threading.Lock()
 
 #: The name of the global lock. Named locks cannot take it.
 GLOBAL_LOCK = "__global__"
@@ -59,6 +62,8 @@ class AppState:
         self.transaction: ContextVar[Transaction | None] = ContextVar(
             "sharedstate_transaction", default=None
         )
+        #: shared.leader(name): this process's Leadership of each name
+        self.leaders: dict[str, Any] = {}
 
     def operations(self) -> Operations:
         return self.transaction.get() or self.direct
@@ -215,6 +220,99 @@ class SharedState:
         :raises KeyError: the key is absent.
         """
         return self._ops().ttl(key)
+
+    # -- one computation, one leader --------------------------------------------------
+
+    def get_or_set(
+        self,
+        key: str,
+        func: Callable[[], Any],
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The value of ``key``; if absent, ``func()`` computes it once across all workers.
+
+        Single flight: of the processes that find the key absent at the same
+        time, one runs ``func`` (holding the lock ``get_or_set:KEY``) and
+        stores its result with ``ttl``; the others wait for that lock and then
+        read the value. If the runner raises, the error is its own and the next
+        waiter runs ``func``; if its process dies, the lock is freed (at once on
+        the embedded server, after the lease on Redis) and a waiter takes over.
+
+        :param timeout: seconds a waiter waits (default ``SHAREDSTATE_TIMEOUT``).
+        :raises LockTimeout: the value did not come within ``timeout``.
+        """
+        value = self._ops().get(key)
+        if value is not MISSING:
+            return value
+        lock = self.lock(f"get_or_set:{check_key(key)}")
+        lock.acquire(timeout=timeout)
+        try:
+            value = self._ops().get(key)
+            if value is MISSING:
+                value = func()
+                self.set(key, value, ttl=ttl)
+            return value
+        finally:
+            lock.release()
+
+    def cached(
+        self, ttl: float | None = None, *, key: Callable[[], str] | None = None
+    ) -> Callable[[F], F]:
+        """A view decorator on :meth:`get_or_set`: the view runs once per key across workers.
+
+        The key is ``view:`` plus the request's full path unless ``key()``
+        gives one. The view's return value must be picklable (a str, dict,
+        list ... not a Response object)::
+
+            @app.get("/report")
+            @shared.cached(ttl=60)
+            def report():
+                return {"rows": slow_query()}
+        """
+
+        def decorator(view: F) -> F:
+            @functools.wraps(view)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                from flask import request
+
+                name = key() if key is not None else f"view:{view.__qualname__}:{request.full_path}"
+                return self.get_or_set(name, lambda: view(*args, **kwargs), ttl=ttl)
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorator
+
+    def leader(self, name: str = "default", *, wait: float = 1.0) -> bool:
+        """Whether this process leads ``name``: true in exactly one process at a time.
+
+        The first call starts a small thread in this process that competes for
+        the lock ``leader:NAME`` and holds it while the process lives; when the
+        leader dies, another process leads (at once on the embedded server,
+        after ``SHAREDSTATE_LEASE`` on Redis). Cheap to call often: after the
+        first call it reads a flag. For a job that must run in one worker::
+
+            @scheduler.task("interval", seconds=10)
+            def job():
+                with app.app_context():
+                    if shared.leader("cleanup"):
+                        cleanup()
+
+        :param wait: on the first call, seconds to wait for the first attempt.
+        """
+        from .leadership import Leadership
+
+        state = self.state()
+        with _leaders_lock:
+            leadership = state.leaders.get(name)
+            if leadership is None or not leadership.alive:
+                app = self._app
+                if has_app_context():
+                    app = current_app._get_current_object()  # type: ignore[attr-defined]
+                assert app is not None  # state() has raised otherwise
+                leadership = state.leaders[name] = Leadership(self, app, name)
+        return leadership.leads(wait)
 
     # -- atomic blocks ------------------------------------------------------------------
 
@@ -490,3 +588,9 @@ class GlobalLock(Lock):
         if name == GLOBAL_LOCK:
             raise ValueError(f"{GLOBAL_LOCK!r} is the global lock's name: use shared.lock")
         return Lock(self._shared, name)
+
+
+# Register the sharedstate:// scheme with limits (Flask-Limiter) when it is installed,
+# so that RATELIMIT_STORAGE_URI = "sharedstate://" works whatever the import order.
+if importlib.util.find_spec("limits") is not None:  # pragma: no branch
+    from . import limiter as _limiter  # noqa: F401,E402

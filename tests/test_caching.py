@@ -1,0 +1,120 @@
+"""The cachelib cache (Flask-Caching, Flask-Session) from many processes: atomic inc and
+add, timeouts as cachelib defines them, clear() of this cache's keys only."""
+
+# The process fixtures come from test_processes (imported, so pytest sees them here).
+# ruff: noqa: F401, F811
+
+from __future__ import annotations
+
+from typing import Any
+
+import cacheworkers
+import pytest
+from flask import Flask
+from test_processes import any_backend, ctx, here, procs, run_all, socket_path
+
+from flask_sharedstate import SharedState
+from flask_sharedstate.caching import SharedStateCache
+
+
+def test_inc_from_8_processes_is_exact(
+    any_backend: str,
+    socket_path: str,
+    procs: list[Any],
+    here: SharedState,
+) -> None:
+    """8 processes x 1,000 cache.inc end at exactly 8,000 (cachelib's default inc is a
+    racy get-then-set)."""
+    barrier = ctx.Barrier(8)
+    run_all(procs, cacheworkers.cache_inc_many, [(socket_path, 1000, barrier)] * 8)
+    with here._app.app_context():  # type: ignore[union-attr]
+        assert SharedStateCache().get("hits") == 8000
+
+
+def test_add_from_16_racing_processes_succeeds_once(
+    any_backend: str,
+    socket_path: str,
+    procs: list[Any],
+    here: SharedState,
+) -> None:
+    """16 processes racing cache.add on one key: exactly one succeeds, and its value stays."""
+    barrier = ctx.Barrier(16)
+    results = ctx.Queue()
+    run_all(
+        procs,
+        cacheworkers.cache_add_once,
+        [(socket_path, worker, barrier, results) for worker in range(16)],
+    )
+    outcomes = dict(results.get(timeout=10) for _ in range(16))
+    winners = [w for w, ok in outcomes.items() if ok]
+    assert len(winners) == 1, outcomes
+    with here._app.app_context():  # type: ignore[union-attr]
+        assert SharedStateCache().get("winner") == winners[0]
+
+
+@pytest.fixture
+def cache(app: Flask, shared: SharedState) -> Any:
+    with app.app_context():
+        yield SharedStateCache(default_timeout=300, key_prefix="c1:")
+
+
+def test_cachelib_interface(cache: SharedStateCache, backend: str) -> None:
+    """get/set/add/delete/get_many/set_many/delete_many/has/inc/dec as cachelib defines
+    them, on every backend."""
+    assert cache.get("a") is None
+    assert cache.set("a", {"x": [1, 2]}) is True
+    assert cache.get("a") == {"x": [1, 2]}
+    assert cache.add("a", "other") is False
+    assert cache.add("b", 2) is True
+    assert cache.has("a") and cache.has("b") and not cache.has("c")
+    assert cache.get_many("a", "b", "c") == [{"x": [1, 2]}, 2, None]
+    assert cache.get_dict("a", "c") == {"a": {"x": [1, 2]}, "c": None}
+    assert cache.set_many({"d": 4, "e": 5}) == ["d", "e"]
+    assert cache.inc("d") == 5 and cache.dec("e", 2) == 3 and cache.inc("new", 3) == 3
+    assert cache.inc("a") is None  # not a number
+    assert cache.delete("d") is True and cache.delete("d") is False
+    assert cache.delete_many("e", "missing") == ["e", "missing"]
+    assert cache.get("e") is None
+
+
+def test_timeouts_as_cachelib_defines_them(cache: SharedStateCache, shared: SharedState) -> None:
+    """0 never expires, None uses the default, a number is seconds."""
+    cache.set("forever", 1, timeout=0)
+    cache.set("default", 1)
+    cache.set("short", 1, timeout=60)
+    assert shared.ttl("cache:c1:forever") is None
+    assert 299 < (shared.ttl("cache:c1:default") or 0) <= 300
+    assert 59 < (shared.ttl("cache:c1:short") or 0) <= 60
+    cache.set("gone", 1, timeout=-1)  # already expired
+    assert cache.get("gone") is None
+
+
+def test_clear_removes_this_caches_keys_only(cache: SharedStateCache, shared: SharedState) -> None:
+    """clear() empties this cache; another cache's entries and the app's own keys stay."""
+    other = SharedStateCache(key_prefix="c2:")
+    cache.set("a", 1)
+    other.set("a", 2)
+    shared.set("plain", 3)
+    assert cache.clear() is True
+    assert cache.get("a") is None
+    assert other.get("a") == 2
+    assert shared.get("plain") == 3
+
+
+def test_flask_caching_factory(app: Flask, shared: SharedState) -> None:
+    """CACHE_TYPE = 'flask_sharedstate.caching.SharedStateCache' builds one through
+    Flask-Caching's factory, with CACHE_DEFAULT_TIMEOUT and CACHE_KEY_PREFIX."""
+    from flask_caching import Cache
+
+    app.config.update(
+        CACHE_TYPE="flask_sharedstate.caching.SharedStateCache",
+        CACHE_DEFAULT_TIMEOUT=42,
+        CACHE_KEY_PREFIX="fc:",
+    )
+    cache = Cache(app)
+    with app.app_context():
+        cache.set("k", "v")
+        assert cache.get("k") == "v"
+        assert 41 < (shared.ttl("cache:fc:k") or 0) <= 42
+        backend = app.extensions["cache"][cache]
+        assert isinstance(backend, SharedStateCache)
