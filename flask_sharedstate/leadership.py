@@ -92,8 +92,7 @@ class Leadership:
         """Keep holding until the lock is lost or we are stopped."""
         while not self._stop.wait(CHECK_INTERVAL):
             try:
-                if not self._still_held(lock):
-                    return
+                lock.extend()  # on Redis this also renews the lease
             except (LockNotOwned, SharedStateError):
                 return  # lost it: stop leading, compete again
         try:
@@ -101,13 +100,3 @@ class Leadership:
         except SharedStateError:
             pass
 
-    @staticmethod
-    def _still_held(lock: Any) -> bool:
-        extend = getattr(lock, "extend", None)
-        if extend is not None:
-            extend()
-            return True
-        try:  # TEMPORARY until Lock.extend lands
-            return bool(lock.acquire(blocking=False))
-        except RuntimeError:
-            return True
