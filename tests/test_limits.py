@@ -246,6 +246,9 @@ def test_connection_flood_keeps_every_write(start_server: Any, nofile: str) -> N
     assert all(error.startswith("Refused: ") for error in refused), refused[:3]
     assert shared.get("n") == acknowledged
     assert read_counter(server.path, server.key) == acknowledged
+    connections = shared.state().backend.call("info")["connections"]
+    assert connections["refused"] >= len(refused)
+    assert connections["max"] == (4096 if nofile == "soft-1024" else 1024 - 64)
     assert server.proc.poll() is None
 
 

@@ -207,6 +207,7 @@ class StateServer:
         self._per_peer: dict[object, int] = {}
         self._count_lock = threading.Lock()
         self._last_refusal_log = 0.0
+        self.refused = 0
         # Kept free so that a client can be told "no" when no other descriptor is left.
         self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
@@ -355,6 +356,7 @@ class StateServer:
         except OSError:
             pass
         sock.close()
+        self.refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= 10:  # one line per burst, not per client
             self._last_refusal_log = now
@@ -536,6 +538,12 @@ class StateServer:
                 "pid": os.getpid(),
                 "uptime": time.time() - self.started,
                 "clients": self.store.sessions,
+                "connections": {
+                    "open": self._connections,
+                    "max": self.max_connections,
+                    "max_per_peer": self.max_connections_per_peer,
+                    "refused": self.refused,
+                },
                 "namespaces": len(self.store.namespaces),
                 "keys": len(session.space.data),
                 "owner_pid": self.owner_pid,
