@@ -280,7 +280,7 @@ class ManagerBackend(Backend):
             self._drop(link)  # part of the request may have gone: the framing is lost
             raise SharedStateUnavailable(
                 f"the state server at {self.address} took no more of the request within"
-                f" {self._timeout:g}s (SHAREDSTATE_TIMEOUT); is it overloaded or stopped?"
+                f" {wait:g}s ({self._bound_text(wait)}); is it overloaded or stopped?"
                 " The request was not applied."
             ) from None
         except OSError as exc:
@@ -299,13 +299,19 @@ class ManagerBackend(Backend):
             self._drop(link)
             raise SharedStateUnavailable(
                 f"the state server at {self.address} did not answer within"
-                f" {wait:g}s (SHAREDSTATE_TIMEOUT); is it overloaded or stopped?"
+                f" {wait:g}s ({self._bound_text(wait)}); is it overloaded or stopped?"
             ) from None
         except (OSError, EOFError) as exc:
             raise _Broken(True, exc) from exc
         except BaseException:
             self._drop(link)
             raise
+
+    def _bound_text(self, wait: float) -> str:
+        """How a request's bound ``wait`` is made up, for messages."""
+        asked = wait - self._wait
+        lock = f" + the {asked:g}s wait asked for" if asked > 0 else ""
+        return f"SHAREDSTATE_TIMEOUT {self._timeout:g}s{lock} + {REPLY_SLACK:g}s"
 
     def _drop(self, link: _Link) -> None:
         link.close()
