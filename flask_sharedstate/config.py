@@ -19,7 +19,7 @@ from typing import Any
 from flask import Flask
 
 from .errors import ConfigError
-from .server.process import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
+from .server.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 
 #: Every key, with its default. ``None`` means unset.
 DEFAULTS: dict[str, Any] = {

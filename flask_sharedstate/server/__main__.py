@@ -21,14 +21,13 @@ from collections.abc import Callable
 
 from .persistence import Journal, PersistenceError
 from .process import (
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_PEER,
     PidFile,
     StateServer,
     install_signal_handlers,
     listen_unix,
     raise_descriptor_limit,
 )
+from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import Store
 
 log = logging.getLogger("flask_sharedstate.server")

@@ -40,18 +40,13 @@ from typing import Any
 
 from . import protocol
 from .persistence import Journal
+from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import LockTimeout, Session, Store
 
 log = logging.getLogger("flask_sharedstate.server")
 
 SWEEP_INTERVAL = 1.0
 
-#: Connections the server holds at once (``SHAREDSTATE_MAX_CONNECTIONS``): 4 gevent
-#: workers at gunicorn's default of 1,000 greenlets, or 32 gthread workers of 128.
-DEFAULT_MAX_CONNECTIONS = 4096
-#: Connections one peer may hold (``SHAREDSTATE_MAX_CONNECTIONS_PER_PEER``): one gevent
-#: worker at gunicorn's default ``--worker-connections 1000``, each greenlet with its own.
-DEFAULT_MAX_CONNECTIONS_PER_PEER = 1024
 #: Descriptors kept free of connections: the listener, the journal and its
 #: compaction, /proc reads, the owner's pidfd, logging.
 RESERVED_DESCRIPTORS = 64

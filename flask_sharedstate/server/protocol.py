@@ -40,6 +40,15 @@ HANDSHAKE_TIMEOUT = 5.0
 #: a connection (the rest is the reason, in UTF-8). No challenge starts so.
 REFUSED = b"#REFUSED#"
 
+# Connection limits, defaults of the server's options and of the SHAREDSTATE_* keys
+# (here, not in process.py, so that config.py imports nothing Unix-only).
+#: Connections the server holds at once (``SHAREDSTATE_MAX_CONNECTIONS``): 4 gevent
+#: workers at gunicorn's default of 1,000 greenlets, or 32 gthread workers of 128.
+DEFAULT_MAX_CONNECTIONS = 4096
+#: Connections one peer may hold (``SHAREDSTATE_MAX_CONNECTIONS_PER_PEER``): one gevent
+#: worker at gunicorn's default ``--worker-connections 1000``, each greenlet with its own.
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 1024
+
 #: ``ttl`` argument of a commit entry: leave the key's expiry as it is.
 KEEP_TTL = "keep"
 
