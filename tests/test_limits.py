@@ -26,7 +26,7 @@ from flask_sharedstate.server import protocol
 from flask_sharedstate.server.process import process_start_time
 
 import workers
-from conftest import make_app, pid_alive, wait_for
+from conftest import free_port, make_app, pid_alive, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ctx = multiprocessing.get_context("spawn")
@@ -57,12 +57,15 @@ class Server:
     path: str
     key: bytes
     log_path: str
+    port: int | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def shared(self, timeout: float = 5.0, **config: Any) -> SharedState:
+        if self.port is not None:
+            config["SHAREDSTATE_PORT"] = self.port
         app = make_app(
             "manager",
             None,
@@ -87,14 +90,19 @@ def start_server(run_dir: str) -> Iterator[Any]:
     under an open-file limit; stopped by pid (SIGCONT first) whatever happens."""
     started: list[Server] = []
 
-    def start(*options: str, nofile: tuple[int, int] | None = None) -> Server:
+    def start(
+        *options: str, nofile: tuple[int, int] | None = None, port: int | None = None
+    ) -> Server:
         path = os.path.join(run_dir, f"limits{len(started)}.sock")
         key = secrets.token_hex(32).encode()
         log_path = path + ".log"
         me = os.getpid()
-        command = [sys.executable, "-m", "flask_sharedstate.server", "--unix", path]
+        command = [sys.executable, "-m", "flask_sharedstate.server"]
+        command += ["--unix", path] if port is None else ["--tcp", f"127.0.0.1:{port}"]
+        # The socket path stays in the command line even for TCP: conftest kills by it.
+        command += ["--pid-file", path + ".pid"]
         command += ["--owner-pid", str(me), "--owner-start", str(process_start_time(me))]
-        command += ["--pid-file", path + ".pid", *options]
+        command += list(options)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
 
         def limit() -> None:
@@ -110,7 +118,7 @@ def start_server(run_dir: str) -> Iterator[Any]:
                 env=env,
                 preexec_fn=limit,  # noqa: PLW1509 - only setrlimit, before exec
             )
-        server = Server(proc, path, key, log_path)
+        server = Server(proc, path, key, log_path, port)
         started.append(server)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(key)
@@ -287,6 +295,40 @@ def test_refused_client_gets_a_clear_error(start_server: Any) -> None:
     worker.start()
     worker.join(30)
     assert results == [1] and not errors, errors
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_configured_per_peer_limit(start_server: Any, transport: str) -> None:
+    """--max-connections-per-peer (SHAREDSTATE_MAX_CONNECTIONS_PER_PEER) caps one process
+    on a unix socket, one address on TCP; threads past it get the clear error."""
+    port = free_port() if transport == "tcp" else None
+    server = start_server("--max-connections-per-peer", "3", port=port)
+    shared = server.shared()
+    outcomes: list[Any] = []
+    release = threading.Event()
+
+    def thread() -> None:
+        try:
+            outcomes.append(shared.incr("n"))
+        except SharedStateUnavailable as exc:
+            outcomes.append(exc)
+        release.wait(30)  # keep this thread's connection open
+
+    threads = [threading.Thread(target=thread) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(outcomes) == 4, timeout=30)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    errors = [o for o in outcomes if isinstance(o, SharedStateUnavailable)]
+    assert sorted(o for o in outcomes if isinstance(o, int)) == [1, 2, 3]
+    assert len(errors) == 1
+    who = "address 127.0.0.1" if transport == "tcp" else f"process {os.getpid()}"
+    assert f"{who} already holds 3 connections" in str(errors[0])
+    assert "SHAREDSTATE_MAX_CONNECTIONS_PER_PEER = 3" in str(errors[0])
 
 
 # -- a slow handshake ------------------------------------------------------------------
