@@ -21,7 +21,11 @@ from typing import Any
 from flask import Flask
 
 from .errors import ConfigError
-from .server.protocol import MAX_SECONDS
+from .server.protocol import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    MAX_SECONDS,
+)
 
 #: Every key, with its default. ``None`` means unset.
 DEFAULTS: dict[str, Any] = {
@@ -36,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "SHAREDSTATE_NAMESPACE": None,
     "SHAREDSTATE_TIMEOUT": 5.0,
     "SHAREDSTATE_LEASE": 30.0,
+    "SHAREDSTATE_MAX_CONNECTIONS": DEFAULT_MAX_CONNECTIONS,
+    "SHAREDSTATE_MAX_CONNECTIONS_PER_PEER": DEFAULT_MAX_CONNECTIONS_PER_PEER,
 }
 
 BACKENDS = ("manager", "memory", "redis")
@@ -71,6 +77,10 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     #: redis: seconds a lock or atomic block outlives a holder that vanished
     lease: float = 30.0
+    #: manager: connections the server holds at once; more are refused
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: manager: connections one process (unix socket) or address (TCP) may hold
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
 
     @property
     def key_file(self) -> str:
@@ -172,6 +182,15 @@ def _seconds(config: Any, key: str) -> float:
     return float(value)
 
 
+def _count(config: Any, key: str) -> int:
+    value = config[key]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, value, "a positive whole number")
+    return value
+
+
 def _app_slug(app: Flask) -> str:
     """A per-app name: readable, and unique per app location on this machine."""
     identity = f"{app.import_name}\0{app.root_path}".encode()
@@ -218,6 +237,14 @@ def load_settings(app: Flask) -> Settings:
 
     timeout = _seconds(config, "SHAREDSTATE_TIMEOUT")
     lease = _seconds(config, "SHAREDSTATE_LEASE")
+    max_connections = _count(config, "SHAREDSTATE_MAX_CONNECTIONS")
+    max_per_peer = _count(config, "SHAREDSTATE_MAX_CONNECTIONS_PER_PEER")
+    if max_per_peer > max_connections:
+        raise ConfigError(
+            f"SHAREDSTATE_MAX_CONNECTIONS_PER_PEER = {max_per_peer} is more than"
+            f" SHAREDSTATE_MAX_CONNECTIONS = {max_connections}: lower the first or"
+            " raise the second."
+        )
 
     persist_path = _text(config, "SHAREDSTATE_PERSIST_PATH")
     if persist_path is not None:
@@ -334,4 +361,6 @@ def load_settings(app: Flask) -> Settings:
         lease=lease,
         persist_path=persist_path,
         fsync=fsync,
+        max_connections=max_connections,
+        max_connections_per_peer=max_per_peer,
     )

@@ -11,8 +11,14 @@ What it promises, and how:
   except for reads; it raises :exc:`SharedStateUnavailable`.
 * **Fork and thread safety.** Each thread has its own connection; a forked
   child drops every connection it inherited and opens its own.
-* **Bounded waits.** Connecting, and every reply, is bounded by
-  ``SHAREDSTATE_TIMEOUT`` (plus the lock wait the caller asked for).
+* **Bounded waits.** Connecting (and starting a server) is bounded by
+  ``SHAREDSTATE_TIMEOUT``; so is each request, from its first byte sent to
+  its reply, plus the lock or atomic wait the caller asked for, plus
+  :data:`REPLY_SLACK`. A server that takes no more of a request (stopped,
+  say) costs at most the same.
+* **Refusals.** A server at its connection limit refuses before the
+  handshake with a reason naming the limit; that is raised at once as
+  :exc:`SharedStateUnavailable`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ _ERRORS: dict[str, type[Exception]] = {
 
 #: Operations on a held lock: they fail with LockNotOwned once its connection was lost.
 _LOCK_CHECKS = ("release", "extend")
+
+#: Seconds a reply may come after ``SHAREDSTATE_TIMEOUT`` (plus any wait asked for):
+#: a write to a key claimed by an atomic block waits up to the timeout in the
+#: server, whose answer must still arrive in time.
+REPLY_SLACK = 1.0
 
 # Bumped in every forked child: connections of an older generation are the parent's.
 _fork_generation = 0
@@ -126,7 +137,7 @@ class ManagerBackend(Backend):
         self.settings = settings
         self.address = settings.address
         self._timeout = settings.timeout
-        self._wait = 2 * settings.timeout
+        self._wait = settings.timeout + REPLY_SLACK
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
         #: election, start and key of this app's server
@@ -245,34 +256,52 @@ class ManagerBackend(Backend):
     # -- one request -------------------------------------------------------------
 
     def _round_trip(self, link: _Link, request: bytes, wait: float) -> Any:
+        """Send ``request`` and read its reply, both by one deadline ``wait`` from now."""
         fd = link.fd
         if self.settings.tcp is not None and link.poller.poll(0):
             # Nothing is due, so the server closed this connection (TCP would only
             # report that on the next receive, after the request had gone out).
             raise _Broken(False, EOFError("connection closed by the state server"))
+        deadline = time.monotonic() + wait
         try:
             link.bound_reads(wait)
-            protocol.write_message(fd, request)
+            protocol.write_within(fd, request, deadline)
+        except TimeoutError:
+            self._drop(link)  # part of the request may have gone: the framing is lost
+            raise SharedStateUnavailable(
+                f"the state server at {self.address} took no more of the request within"
+                f" {wait:g}s ({self._bound_text(wait)}); is it overloaded or stopped?"
+                " The request was not applied."
+            ) from None
         except OSError as exc:
             raise _Broken(False, exc) from exc
         except BaseException:
             self._drop(link)  # e.g. gunicorn's timeout exception, mid-message
             raise
+        remaining = deadline - time.monotonic()
+        if remaining < wait - 0.05:  # a long send: the reply gets only what is left
+            link.bound_reads(max(remaining, 0.001))
         try:
-            if link.cooperative and not select.select([fd], [], [], wait)[0]:
+            if link.cooperative and not select.select([fd], [], [], max(remaining, 0))[0]:
                 raise BlockingIOError
             return protocol.read_reply(fd)  # joins a large reply's parts
         except BlockingIOError:
             self._drop(link)
             raise SharedStateUnavailable(
                 f"the state server at {self.address} did not answer within"
-                f" {wait:g}s (SHAREDSTATE_TIMEOUT); is it overloaded or stopped?"
+                f" {wait:g}s ({self._bound_text(wait)}); is it overloaded or stopped?"
             ) from None
         except (OSError, EOFError) as exc:
             raise _Broken(True, exc) from exc
         except BaseException:
             self._drop(link)
             raise
+
+    def _bound_text(self, wait: float) -> str:
+        """How a request's bound ``wait`` is made up, for messages."""
+        asked = wait - self._wait
+        lock = f" + the {asked:g}s wait asked for" if asked > 0 else ""
+        return f"SHAREDSTATE_TIMEOUT {self._timeout:g}s{lock} + {REPLY_SLACK:g}s"
 
     def _drop(self, link: _Link) -> None:
         if link.generation == _fork_generation:  # an inherited link is the parent's
@@ -338,18 +367,24 @@ class ManagerBackend(Backend):
             sock.settimeout(remaining)
             sock.connect(target)
             sock.settimeout(None)
-            # Bound every read: a stopped server must not hang this worker.
+            # Bound every read and write: a stopped server must not hang this worker.
             protocol.set_receive_timeout(sock, remaining)
+            protocol.set_send_timeout(sock, min(remaining, self._timeout))
         except BaseException:
             sock.close()
             raise
         fd = sock.detach()
         os.set_blocking(fd, True)  # gevent's sockets are non-blocking underneath
         link = _Link(Connection(fd), remaining)
-        conn = link.conn
+        # Handshake, hello and defaults, by the connecting deadline.
+        conn = protocol.Handshake(fd, deadline)
         try:
             try:
                 protocol.client_handshake(conn, key)
+            except protocol.Refused as refused:
+                raise SharedStateUnavailable(
+                    f"the state server at {self.address} refused the connection: {refused}."
+                ) from None
             except multiprocessing.AuthenticationError:
                 raise AuthenticationError(
                     f"the state server at {self.address} refused this process's key."
@@ -391,8 +426,15 @@ class ManagerBackend(Backend):
                 if not reply[0]:
                     raise _ERRORS.get(reply[1], RuntimeError)(*reply[2])
             link.bound_reads(self._wait)
+            if remaining < self._timeout:
+                sock = socket.socket(fileno=fd)
+                try:
+                    protocol.set_send_timeout(sock, self._timeout)
+                finally:
+                    sock.detach()
+                    os.set_blocking(fd, True)
             return link
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             link.close()
             raise SharedStateUnavailable(
                 f"the state server at {self.address} accepted the connection but did not"

@@ -3,7 +3,8 @@
 Started by the ``manager`` backend (see ``backends/manager.py``), which
 passes the key on standard input (never on the command line, where ``ps``
 would show it) and waits on ``--ready-fd`` for one line: ``ready PID`` once
-the server listens, ``in-use`` if the address is taken, or ``error MESSAGE``.
+the server listens, ``in-use`` if the address is taken (or another server holds
+the pid file's lock: its socket file may have been deleted), or ``error MESSAGE``.
 With ``--detach`` the server forks once after binding, so that it is nobody's
 child but init's: its starter can exit, or be killed, without taking it along.
 """
@@ -11,7 +12,6 @@ child but init's: its starter can exit, or be killed, without taking it along.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -20,7 +20,14 @@ import sys
 from collections.abc import Callable
 
 from .persistence import Journal, PersistenceError
-from .process import StateServer, install_signal_handlers
+from .process import (
+    PidFile,
+    StateServer,
+    install_signal_handlers,
+    listen_unix,
+    raise_descriptor_limit,
+)
+from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import Store
 
 log = logging.getLogger("flask_sharedstate.server")
@@ -44,24 +51,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--fsync", choices=("always", "everysec", "no"), default="everysec", help="with --persist"
     )
     parser.add_argument("--detach", action="store_true", help="fork once after binding")
+    parser.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="refuse connections beyond N (SHAREDSTATE_MAX_CONNECTIONS)",
+    )
+    parser.add_argument(
+        "--max-connections-per-peer",
+        type=_positive,
+        default=DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        metavar="N",
+        help="refuse a process's (TCP: an address's) connections beyond N"
+        " (SHAREDSTATE_MAX_CONNECTIONS_PER_PEER)",
+    )
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _bind(args: argparse.Namespace) -> socket.socket:
     if args.unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket file is born 0600: no window for others
-        try:
-            sock.bind(args.unix)
-        finally:
-            os.umask(old)
-    else:
-        host, _, port = args.tcp.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
+        return listen_unix(args.unix)
+    host, _, port = args.tcp.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
     sock.listen(512)
     return sock
 
@@ -106,6 +129,32 @@ def serve(
     on_ready: Callable[[], None],
 ) -> int:
     """Restore, bind, (detach,) and serve until stopped. Also ``flask sharedstate serve``."""
+    raise_descriptor_limit()
+    pid_file = None
+    if args.pid_file:
+        # Before the restore: a running server may still be writing the journal.
+        try:
+            pid_file = PidFile.claim(args.pid_file)
+        except OSError as exc:
+            say(f"error cannot lock the pid file {args.pid_file}: {exc}")
+            return 2
+        if pid_file is None:
+            say("in-use")
+            return 3
+    try:
+        return _serve(args, key, say, on_ready, pid_file)
+    finally:
+        if pid_file is not None:
+            pid_file.release()
+
+
+def _serve(
+    args: argparse.Namespace,
+    key: bytes,
+    say: Callable[[str], None],
+    on_ready: Callable[[], None],
+    pid_file: PidFile | None,
+) -> int:
     store = Store()
     if args.persist:
         journal = Journal(args.persist, args.fsync)
@@ -132,22 +181,16 @@ def serve(
     if args.detach and os.fork() != 0:
         os._exit(0)  # the starter reaps this parent; the child serves on
 
-    try:
-        server = StateServer(
-            listener,
-            key,
-            owner_pid=args.owner_pid,
-            owner_start=args.owner_start,
-            pid_file=args.pid_file,
-            store=store,
-        )
-    except OSError as exc:  # e.g. the pid file is a symlink, which is never followed
-        listener.close()
-        if args.unix:
-            with contextlib.suppress(OSError):
-                os.unlink(args.unix)
-        say(f"error cannot start serving: {exc}")
-        return 2
+    server = StateServer(
+        listener,
+        key,
+        owner_pid=args.owner_pid,
+        owner_start=args.owner_start,
+        pid_file=pid_file,
+        store=store,
+        max_connections=args.max_connections,
+        max_connections_per_peer=args.max_connections_per_peer,
+    )
     install_signal_handlers(server)
     log.info("serving on %s (owner %s)", args.unix or args.tcp, args.owner_pid)
     on_ready()

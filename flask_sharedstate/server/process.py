@@ -6,36 +6,136 @@ Lifetime rules (see ``docs/architecture.md``):
   flask_sharedstate.server``) that detaches at once: its starter only waits
   for it to say it listens, and no descriptor of the starter survives in it.
 * It serves until its *owner* process (the gunicorn master, say) is gone, or
-  until SIGTERM/SIGINT, and removes its unix socket file on the way out.
+  until SIGTERM/SIGINT, and removes its unix socket file on the way out. An
+  owner check that cannot answer (no descriptor free, say) means "alive".
+* It holds its pid file locked (:class:`PidFile`) while it runs, so that a
+  second server for the same address stands down even if the socket file was
+  deleted; and it listens again at its socket path if that file disappears,
+  or stops if another server's socket replaced it.
 * One thread per client connection. A client that disconnects or dies
   releases every lock it held and aborts its atomic block.
+* Connections are capped in total and per peer (a process on a unix socket,
+  an address on TCP), below the open-file limit: the excess is refused with a
+  message that names the limit, in the accept loop, costing no thread.
 * Garbage, wrong keys, stalled handshakes and oversized messages cost the
-  server one connection, never its service to the others.
+  server one connection, never its service to the others. The whole
+  handshake has one deadline (:data:`~.protocol.HANDSHAKE_TIMEOUT`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
+from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import LockTimeout, Session, Store
 
 log = logging.getLogger("flask_sharedstate.server")
 
 SWEEP_INTERVAL = 1.0
 
+#: Descriptors kept free of connections: the listener, the journal and its
+#: compaction, /proc reads, the owner's pidfd, logging.
+RESERVED_DESCRIPTORS = 64
+
 
 #: The start time of a process, or None if unknown (see ``processes.py``).
 process_start_time = processes.start_time
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the limit.
+
+    Each connection costs the server a descriptor, and the usual soft limit
+    (1024) is far below the usual hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    # Some systems refuse an unlimited (or very high) soft limit: try lower ones.
+    for target in (hard, 1 << 20, 1 << 16, 10240):
+        if soft < target <= hard or (hard == resource.RLIM_INFINITY and soft < target):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return target
+            except (ValueError, OSError):
+                continue
+    return soft
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A socket listening at ``path``, its file born 0600 (no window for others)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+        sock.listen(512)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock
+
+
+class PidFile:
+    """The server's pid file, locked (``flock``) for as long as the server runs.
+
+    A second server for the same address finds it locked and stands down
+    (``in-use``), even when the socket file was deleted; the kernel drops the
+    lock of a server that dies, so a stale file never blocks a successor.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def claim(cls, path: str) -> PidFile | None:
+        """Lock the pid file at ``path``; None if a running server holds it."""
+        for _ in range(10):
+            # Never through a symbolic link: it could point at a file of the app's user.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return cls(path, fd)
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # unlinked or replaced while we locked it: lock the new one
+        raise OSError(errno.EAGAIN, f"the pid file {path} keeps changing")
+
+    def write(self, pid: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Remove the file if it is still ours, and let go of the lock (once)."""
+        if self.fd < 0:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
 
 
 class StateServer:
@@ -49,7 +149,9 @@ class StateServer:
         owner_pid: int | None = None,
         owner_start: str | None = None,
         store: Store | None = None,
-        pid_file: str | None = None,
+        pid_file: PidFile | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
     ) -> None:
         self.listener = listener
         self.key = key
@@ -61,14 +163,34 @@ class StateServer:
         self._wake_r, self._wake_w = os.pipe()
         self.pid_file = pid_file
         if pid_file is not None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            with open(os.open(pid_file, flags, 0o600), "w") as f:  # never through a symlink
-                f.write(f"{os.getpid()}\n")
+            pid_file.write(os.getpid())
         self._socket_path: str | None = None
         self._socket_inode: int | None = None
         if listener.family == socket.AF_UNIX:
             self._socket_path = listener.getsockname()
             self._socket_inode = os.stat(self._socket_path).st_ino
+        # -- connection limits
+        self.descriptor_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fit = max_connections
+        if self.descriptor_limit != resource.RLIM_INFINITY:
+            fit = self.descriptor_limit - RESERVED_DESCRIPTORS
+        self.max_connections = max(1, min(max_connections, fit))
+        self._lowered = self.max_connections < max_connections
+        if self._lowered:
+            log.warning(
+                "at most %d connections (not %d): the open-file limit is %d",
+                self.max_connections,
+                max_connections,
+                self.descriptor_limit,
+            )
+        self.max_connections_per_peer = max_connections_per_peer
+        self._connections = 0
+        self._per_peer: dict[object, int] = {}
+        self._count_lock = threading.Lock()
+        self._last_refusal_log = 0.0
+        self.refused = 0
+        # Kept free so that a client can be told "no" when no other descriptor is left.
+        self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # -- lifetime --------------------------------------------------------------
 
@@ -86,11 +208,15 @@ class StateServer:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
+        next_check = time.monotonic() + SWEEP_INTERVAL
         try:
             while not self._stopping.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(SWEEP_INTERVAL):
                     if key.fileobj is self.listener:
                         self._accept()
+                if self._socket_path is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + SWEEP_INTERVAL
+                    self._check_socket_file(sel)
         finally:
             sel.close()
             self._close_listener()
@@ -100,22 +226,154 @@ class StateServer:
                     journal.close()
                 log.info("saved %s", journal.path)
 
+    def _check_socket_file(self, sel: selectors.BaseSelector) -> None:
+        """Listen again if our socket file was deleted; stop if another replaced it.
+
+        Otherwise the next client would find no socket, start a second server
+        beside this one, and the app would have two states.
+        """
+        path = self._socket_path
+        assert path is not None
+        try:
+            inode: int | None = os.stat(path).st_ino
+        except FileNotFoundError:
+            inode = None
+        except OSError:
+            return  # cannot tell: look again later
+        if inode == self._socket_inode:
+            return
+        if inode is not None:
+            self.stop(f"the socket file {path} was replaced by another server's")
+            return
+        try:
+            listener = listen_unix(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:  # in use: the next check sees whose
+                self.stop(f"the socket file {path} was deleted and cannot be made again: {exc}")
+            return
+        sel.unregister(self.listener)
+        self.listener.close()
+        self.listener = listener
+        try:
+            self._socket_inode = os.stat(path).st_ino
+        except OSError:
+            self._socket_inode = -1  # deleted again at once: the next check listens anew
+        sel.register(listener, selectors.EVENT_READ)
+        log.warning("the socket file %s was deleted: listening there again", path)
+
+    # -- admitting connections ------------------------------------------------------
+
     def _accept(self) -> None:
         try:
-            sock, _ = self.listener.accept()
-        except OSError:  # the peer gave up already, or we ran out of descriptors
+            sock, address = self.listener.accept()
+        except OSError as exc:  # the peer gave up already, or no descriptor is left
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._refuse_with_spare()
             return
-        threading.Thread(target=self._serve_client, args=(sock,), daemon=True).start()
+        peer = self._peer(sock, address)
+        reason = self._admit(peer)
+        if reason is None:
+            try:
+                threading.Thread(target=self._serve_client, args=(sock, peer), daemon=True).start()
+                return
+            except RuntimeError:  # no thread can start: the process or system limit
+                self._leave(peer)
+                reason = (
+                    f"the state server cannot start another thread (it serves"
+                    f" {self._connections}); lower SHAREDSTATE_MAX_CONNECTIONS below that,"
+                    " or raise the system's thread limit"
+                )
+        self._refuse(sock, reason)
+
+    def _peer(self, sock: socket.socket, address: Any) -> object:
+        """Who counts against the per-peer limit: a process (unix), an address (TCP)."""
+        if sock.family != socket.AF_UNIX:
+            return f"address {address[0]}"
+        credentials = getattr(socket, "SO_PEERCRED", None)
+        if credentials is None:
+            return "this host"  # no way to tell processes apart: one peer
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, credentials, 12))
+        except OSError:
+            return "this host"
+        return f"process {pid}"
+
+    def _admit(self, peer: object) -> str | None:
+        """Count a new connection of ``peer`` in; or return why it is refused."""
+        with self._count_lock:
+            if self._connections >= self.max_connections:
+                if self._lowered:
+                    limit = (
+                        f"SHAREDSTATE_MAX_CONNECTIONS, lowered to {self.max_connections} by"
+                        f" the server's open-file limit of {self.descriptor_limit}): raise"
+                        " that limit (ulimit -n, systemd LimitNOFILE=)"
+                    )
+                else:
+                    limit = f"SHAREDSTATE_MAX_CONNECTIONS = {self.max_connections}): raise it"
+                return (
+                    f"it already holds {self._connections} connections, its limit ({limit},"
+                    " or run fewer threads or greenlets"
+                )
+            held = self._per_peer.get(peer, 0)
+            if held >= self.max_connections_per_peer:
+                return (
+                    f"{peer} already holds {held} connections, the limit per peer"
+                    f" (SHAREDSTATE_MAX_CONNECTIONS_PER_PEER = {self.max_connections_per_peer}):"
+                    " raise it, or give this worker fewer threads or greenlets"
+                )
+            self._connections += 1
+            self._per_peer[peer] = held + 1
+            return None
+
+    def _leave(self, peer: object) -> None:
+        with self._count_lock:
+            self._connections -= 1
+            held = self._per_peer.pop(peer) - 1
+            if held:
+                self._per_peer[peer] = held
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Tell the client why, without waiting for it, and hang up."""
+        try:
+            sock.send(protocol.refusal(reason), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10:  # one line per burst, not per client
+            self._last_refusal_log = now
+            log.warning("refused a connection: %s", reason)
+
+    def _refuse_with_spare(self) -> None:
+        """No descriptor is left: free the spare one to accept and refuse one client.
+
+        Otherwise the listener stays readable and the accept loop spins.
+        """
+        if self._spare is None:
+            time.sleep(0.01)
+            return
+        os.close(self._spare)
+        self._spare = None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            pass
+        else:
+            self._refuse(
+                sock,
+                f"it has no descriptor left (open-file limit {self.descriptor_limit}):"
+                " raise that limit (ulimit -n), or lower SHAREDSTATE_MAX_CONNECTIONS",
+            )
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._spare = None
 
     def _close_listener(self) -> None:
         self.listener.close()
         if self.pid_file is not None:
-            try:
-                with open(self.pid_file) as f:
-                    if f.read().strip() == str(os.getpid()):
-                        os.unlink(self.pid_file)
-            except OSError:
-                pass
+            self.pid_file.release()
         path = self._socket_path
         if path is not None:
             # Only remove the file if it is still ours: a successor may own the path.
@@ -199,24 +457,27 @@ class StateServer:
 
     # -- one client --------------------------------------------------------------
 
-    def _serve_client(self, sock: socket.socket) -> None:
-        protocol.set_receive_timeout(sock, protocol.HANDSHAKE_TIMEOUT)
-        conn = Connection(sock.detach())
+    def _serve_client(self, sock: socket.socket, peer: object) -> None:
+        fd = sock.fileno()
         try:
-            session = self._greet(conn)
-        except Exception as exc:  # noqa: BLE001 - any failure costs only this connection
-            log.debug("handshake failed: %s", type(exc).__name__)
-            conn.close()
-            return
-        try:
-            self._serve_session(conn, session)
-        except (EOFError, OSError):
-            pass  # the client went away; its locks go with it
+            try:
+                deadline = time.monotonic() + protocol.HANDSHAKE_TIMEOUT
+                session = self._greet(protocol.Handshake(fd, deadline))
+            except Exception as exc:  # noqa: BLE001 - any failure costs only this connection
+                log.debug("handshake failed: %s", type(exc).__name__)
+                return
+            try:
+                self._serve_session(fd, session)
+            except (EOFError, OSError):
+                pass  # the client went away; its locks go with it
+            finally:
+                session.close()
         finally:
-            session.close()
-            conn.close()
+            sock.close()
+            self._leave(peer)
 
-    def _greet(self, conn: Connection) -> Session:
+    def _greet(self, conn: protocol.Handshake) -> Session:
+        """Handshake, hello and welcome: all by ``conn``'s one deadline."""
         protocol.server_handshake(conn, self.key)
         hello = protocol.loads(conn.recv_bytes(protocol.MAX_MESSAGE))
         if (
@@ -229,19 +490,17 @@ class StateServer:
         ):
             conn.send_bytes(protocol.dumps((False, "ValueError", ("unsupported hello",))))
             raise ValueError("unsupported hello")
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        try:
-            protocol.set_receive_timeout(sock, 0)
-        finally:
-            sock.close()
         session = self.store.session(hello[2], float(hello[3]))
         journal = self.store.journal
         welcome = {"pid": os.getpid(), "persist": None if journal is None else journal.path}
-        conn.send_bytes(protocol.dumps((True, welcome)))
+        try:
+            conn.send_bytes(protocol.dumps((True, welcome)))
+        except BaseException:
+            session.close()
+            raise
         return session
 
-    def _serve_session(self, conn: Connection, session: Session) -> None:
-        fd = conn.fileno()
+    def _serve_session(self, fd: int, session: Session) -> None:
         read, write, loads, dumps = (
             protocol.read_message,
             protocol.write_reply,  # a reply over MAX_MESSAGE goes in parts
@@ -271,6 +530,12 @@ class StateServer:
                 "pid": os.getpid(),
                 "uptime": time.time() - self.started,
                 "clients": self.store.sessions,
+                "connections": {
+                    "open": self._connections,
+                    "max": self.max_connections,
+                    "max_per_peer": self.max_connections_per_peer,
+                    "refused": self.refused,
+                },
                 "namespaces": len(self.store.namespaces),
                 "keys": len(session.space.data),
                 "owner_pid": self.owner_pid,
