@@ -115,6 +115,8 @@ class ServerLauncher:
             if start is not None:  # unknown: the server watches the pid alone
                 arguments += ["--owner-start", start]
         arguments += ["--pid-file", settings.run_base + ".pid"]
+        arguments += ["--max-connections", str(settings.max_connections)]
+        arguments += ["--max-connections-per-peer", str(settings.max_connections_per_peer)]
         if settings.persist_path is not None:
             arguments += ["--persist", settings.persist_path, "--fsync", settings.fsync]
         return arguments
@@ -203,9 +205,11 @@ class ServerLauncher:
     @staticmethod
     def _read_ready(fd: int, deadline: float) -> str:
         data = b""
+        poller = select.poll()  # not select(): the starter may hold descriptors past 1024
+        poller.register(fd, select.POLLIN)
         while b"\n" not in data:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 return "error it did not say it was ready in time"
             chunk = os.read(fd, 256)
             if not chunk:

@@ -99,4 +99,3 @@ class Leadership:
             lock.release()
         except SharedStateError:
             pass
-

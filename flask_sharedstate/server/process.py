@@ -51,10 +51,6 @@ SWEEP_INTERVAL = 1.0
 RESERVED_DESCRIPTORS = 64
 
 
-#: The start time of a process, or None if unknown (see ``processes.py``).
-process_start_time = processes.start_time
-
-
 def raise_descriptor_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit; return the limit.
 
