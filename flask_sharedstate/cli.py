@@ -323,6 +323,8 @@ def serve() -> None:
     finally:
         election.close()
     if code != 0:
+        if messages == ["in-use"]:  # another server holds the address's pid file
+            messages = [f"a state server already runs at {backend.address}"]
         raise click.ClickException(" ".join(messages) or "the server did not start")
 
 
