@@ -49,7 +49,6 @@ limiter = Limiter(client_key, storage_uri="sharedstate://")
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
-    app.config["SECRET_KEY"] = "change-me: the example's secret, not yours"
     app.config["RATE_LIMIT"] = 10  # requests per client per minute
     app.config["CACHE_TYPE"] = "flask_sharedstate.caching.SharedStateCache"
     app.config["SESSION_TYPE"] = "cachelib"

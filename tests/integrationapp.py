@@ -5,7 +5,6 @@ FLASK_SHAREDSTATE_BACKEND, FLASK_SHAREDSTATE_REDIS_URL, FLASK_SHAREDSTATE_NAMESP
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 from flask import Flask, request, session
@@ -43,6 +42,12 @@ limiters = {
     for strategy in ("fixed-window", "moving-window", "sliding-window-counter")
 }
 per_process = Limiter(client_id, app=app, storage_uri="memory://", key_prefix="memory")
+
+
+@app.after_request
+def say_which_worker(response):  # type: ignore[no-untyped-def]
+    response.headers["X-Worker"] = str(os.getpid())
+    return response
 
 
 @app.get("/alive")
@@ -134,40 +139,43 @@ TICK = 0.5
 
 
 def tick() -> None:
-    """Every worker's scheduler fires on the same 0.5 s grid; only the leader records."""
+    """Every worker's scheduler fires on the same 0.5 s grid; only the leader records.
+
+    Idle until a test sets "ticking"; then each worker says it is a candidate."""
     slot = round(time.time() / TICK)
     with app.app_context():
+        if not shared.get("ticking"):
+            return
+        shared.set(f"candidate:{os.getpid()}", slot)
         if shared.leader("ticker"):
             shared.set(f"tick:{slot}", os.getpid())
             shared.incr(f"ran:{slot}")
 
 
-_scheduler_lock = threading.Lock()
-_scheduler: list[object] = []
-
-
-@app.post("/ticker")
-def start_ticker() -> dict[str, object]:
-    """Start this worker's scheduler (once), on a grid shared by every worker."""
+def start_scheduler() -> None:
+    """Each worker's scheduler (tests/integration_gunicorn.py starts it in every worker)."""
     from datetime import datetime, timezone
 
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    with _scheduler_lock:
-        if not _scheduler:
-            scheduler = BackgroundScheduler(daemon=True)
-            start = datetime.fromtimestamp(int(time.time()) + 1, timezone.utc)
-            scheduler.add_job(tick, "interval", seconds=TICK, start_date=start)
-            scheduler.start()
-            _scheduler.append(scheduler)
-    return {"pid": os.getpid(), "leader": shared.leader("ticker")}
+    scheduler = BackgroundScheduler(daemon=True)
+    start = datetime.fromtimestamp(int(time.time()) + 1, timezone.utc)
+    scheduler.add_job(tick, "interval", seconds=TICK, start_date=start)
+    scheduler.start()
+
+
+@app.post("/ticker")
+def start_ticking() -> str:
+    shared.set("ticking", True)
+    return "ok"
 
 
 @app.get("/ticks")
 def ticks() -> dict[str, object]:
-    keys = [k for k in shared.dict.keys() if k.startswith(("tick:", "ran:"))]
+    keys = [k for k in shared.dict.keys() if k.startswith(("tick:", "ran:", "candidate:"))]
     values = shared.get_many(keys)
     return {
         "ticks": {k[5:]: v for k, v in values.items() if k.startswith("tick:")},
         "ran": {k[4:]: v for k, v in values.items() if k.startswith("ran:")},
+        "candidates": [int(k[10:]) for k in values if k.startswith("candidate:")],
     }

@@ -34,6 +34,7 @@ def one_server(request: pytest.FixtureRequest, run_dir: str) -> dict[str, Any]:
             "SHAREDSTATE_BACKEND": "redis",
             "SHAREDSTATE_REDIS_URL": _redis["url"],
             "SHAREDSTATE_LEASE": 60.0,
+            "SHAREDSTATE_KEY": "one key for every app of the test",
         }
     config: dict[str, Any] = {
         "SHAREDSTATE_BACKEND": "manager",

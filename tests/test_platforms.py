@@ -292,6 +292,7 @@ for backend in ("memory", "redis", "manager"):
     app.config["SHAREDSTATE_BACKEND"] = backend
     app.config["SHAREDSTATE_REDIS_URL"] = sys.argv[1]
     app.config["SHAREDSTATE_NAMESPACE"] = sys.argv[2]
+    app.config["SECRET_KEY"] = "a secret key that signs the values stored in Redis"
     if backend != "redis":
         app.config["SHAREDSTATE_REDIS_URL"] = None
     try:
