@@ -8,10 +8,10 @@
 
 Counters and windows live in the current app's shared state (its namespace,
 under ``limits:``), so every worker counts against the same limits, on the
-embedded server as on Redis. Each method is one atomic step: ``incr`` is one
-round trip; the moving window and the sliding-window counter read and write
-in one atomic block (two round trips), so every strategy is exact across
-workers (``limits``' own in-memory sliding window may let fewer through under
+embedded server as on Redis. Each method is one atomic step, and one round trip
+on the embedded server (the moving window is an atomic block of two on Redis,
+whose scripts cannot sign a value), so every strategy is exact across workers
+(``limits``' own in-memory sliding window may let fewer through under
 concurrency; this one does not).
 
 The storage finds the app's :class:`~flask_sharedstate.SharedState` through
@@ -27,7 +27,6 @@ installed; importing it yourself is harmless.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -42,6 +41,12 @@ PREFIX = "limits:"
 
 # A face bound to no app: it works on whichever app is current.
 _shared = SharedState()
+
+
+def _call(op: str, *args: Any) -> Any:
+    """One operation on the current app's backend (a rate limit step is never part of
+    the app's own atomic block)."""
+    return _shared.state().backend.call(op, *args)
 
 
 def _ttl(expiry: float) -> float:
@@ -110,17 +115,12 @@ class SharedStateStorage(
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         """Record ``amount`` hits now if the last ``expiry`` seconds hold at most
-        ``limit - amount``; one atomic step."""
+        ``limit - amount``; one atomic step (one round trip on the embedded server)."""
         if amount > limit:
             return False
-        window = PREFIX + "mw:" + key
-        with _shared.atomic():
-            now = time.time()
-            entries = [t for t in _shared.get(window, ()) if t > now - expiry]
-            if len(entries) + amount > limit:
-                return False
-            _shared.set(window, [now] * amount + entries, ttl=_ttl(expiry))
-        return True
+        return bool(
+            _call("window_acquire", PREFIX + "mw:" + key, limit, _ttl(expiry), amount, time.time())
+        )
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """The oldest hit within the last ``expiry`` seconds, and how many there are."""
@@ -136,19 +136,25 @@ class SharedStateStorage(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool:
         """Count ``amount`` hits if the weighted count of the previous and current
-        windows leaves room; one atomic step, so never more than ``limit``."""
+        windows leaves room; one atomic step (one round trip), so never more than
+        ``limit``."""
         if amount > limit:
             return False
-        with _shared.atomic():
-            now = time.time()
-            previous, current = self._window(key, expiry, now)
-            weighted = previous[0] * previous[1] / expiry + current[0]
-            if math.floor(weighted) + amount > limit:
-                return False
-            _, current_key = self.sliding_window_keys(key, expiry, now)
-            # A new current window lives for two windows: it is the next one's previous.
-            _shared.incr(PREFIX + current_key, amount, ttl=_ttl(2 * expiry))
-        return True
+        now = time.time()
+        previous_key, current_key = self.sliding_window_keys(key, expiry, now)
+        # The previous window counts for the part of it still inside the last expiry.
+        weight = 1 - ((now - expiry) / expiry) % 1
+        return bool(
+            _call(
+                "sliding_acquire",
+                PREFIX + previous_key,
+                PREFIX + current_key,
+                limit,
+                amount,
+                weight,
+                _ttl(2 * expiry),  # a new current window is the next one's previous
+            )
+        )
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         now = time.time()

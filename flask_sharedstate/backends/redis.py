@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -45,7 +46,7 @@ from typing import Any
 
 from ..errors import ConfigError, LockNotOwned, LockTimeout, SharedStateUnavailable
 from ..server.catalogue import OPERATIONS
-from .base import Backend, Packed
+from .base import Backend, Packed, unpack
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -524,6 +525,38 @@ class RedisBackend(Backend):
         reply = self._run("txn_commit", keys, args, timeout)
         if reply[0] == b"lost":
             raise _lost()
+
+    def op_window_acquire(
+        self, key: str, limit: int, expiry: float, amount: int, now: float
+    ) -> bool:
+        # A list of times cannot be signed in Lua: an atomic block of its own, two
+        # round trips, with the same claims as any other.
+        session_id, (packed,) = self.op_txn_read([key], self._timeout)
+        try:
+            entries = [] if packed is None else unpack(packed)
+            if type(entries) is not list:
+                raise TypeError(f"key {key!r} does not hold a moving window")
+            fresh = [t for t in entries if t > now - expiry]
+            if len(fresh) + amount > limit:
+                self.op_txn_abort()
+                return False
+            hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
+            self.op_txn_commit([(key, hits, float(expiry))], self._timeout, session_id)
+            return True
+        except BaseException:
+            self.op_txn_abort()
+            raise
+
+    def op_sliding_acquire(
+        self, previous: str, current: str, limit: int, amount: int, weight: float, ttl: float
+    ) -> bool:
+        keys = [self._key(previous), self._key(current)]
+        reply = self._run(
+            "sliding_acquire", [self._txn, *keys], [limit, amount, repr(weight), _ms(ttl)]
+        )
+        if reply[0] == b"TypeError":
+            raise TypeError(f"key {previous!r} or {current!r} does not hold a counter")
+        return bool(reply[1])
 
     def op_txn_abort(self) -> None:
         self._eval("txn_abort", [self._txn], [self._token()])

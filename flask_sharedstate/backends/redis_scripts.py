@@ -206,4 +206,20 @@ return {'ok'}
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'ok'}
 """,
+    # KEYS: txn, previous, current; ARGV: limit, amount, weight, ttl ms
+    "sliding_acquire": _script("""
+local counts = {}
+for i = 2, 3 do
+  local v = redis.call('GET', KEYS[i])
+  if v and string.byte(v, 1) == 128 then return {'TypeError'} end
+  counts[i] = v and tonumber(v) or 0
+end
+if math.floor(counts[2] * tonumber(ARGV[3]) + counts[3]) + tonumber(ARGV[2])
+    > tonumber(ARGV[1]) then
+  return {'ok', 0}
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCRBY', KEYS[3], ARGV[2])
+else redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4]) end
+return {'ok', 1}
+"""),
 }

@@ -58,6 +58,10 @@ OPERATIONS: dict[str, Operation] = _catalogue(
     Operation("txn_read", wait=1),
     Operation("txn_commit", wait=1),
     Operation("txn_abort"),
+    # Rate limits (limiter.py), each one step: a moving window's hit, a sliding-window
+    # counter's hit.
+    Operation("window_acquire"),
+    Operation("sliding_acquire"),
 )
 
 #: The state server's own operation (not the store's): its status, for ``flask sharedstate status``.

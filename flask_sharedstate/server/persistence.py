@@ -87,9 +87,9 @@ def _reason(exc: OSError) -> str:
     return reason
 
 
-class _NoGlobals(pickle.Unpickler):
+class NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"global {module}.{name} in a journal record")
+        raise pickle.UnpicklingError(f"global {module}.{name} where only plain data may be")
 
 
 def encode_record(body: Record) -> bytes:
@@ -157,7 +157,7 @@ def read_journal(path: str) -> tuple[list[Record], int, bool]:
 
 def _decode(body: bytes) -> Record | None:
     try:
-        record = _NoGlobals(io.BytesIO(body)).load()
+        record = NoGlobals(io.BytesIO(body)).load()
     except Exception:  # noqa: BLE001 - any failure means a damaged record
         return None
     if type(record) is not tuple or not record or record[0] not in _KINDS:

@@ -19,6 +19,9 @@ the user's block.
 
 from __future__ import annotations
 
+import io
+import math
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +29,7 @@ from typing import Any
 
 from ..errors import AtomicBlockLost
 from .catalogue import OPERATIONS as CATALOGUE
-from .persistence import Journal, Record
+from .persistence import Journal, NoGlobals, Record
 from .protocol import KEEP_TTL, MAX_SECONDS
 
 Value = int | float | bytes
@@ -275,6 +278,12 @@ def _check_ttl(ttl: object) -> float | None:
     return float(ttl)  # type: ignore[arg-type]
 
 
+def _check_count(name: str, value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+    return value
+
+
 def _check_value(key: str, value: object) -> Value:
     if type(value) not in (int, float, bytes):
         raise TypeError(f"value for key {key!r} must be int, float or pickled bytes")
@@ -491,6 +500,61 @@ class Session:
             self.store.mark_default(self.space, key)
             if not self._alive(key):
                 self._store(key, value, None)
+
+    # -- rate limits (limiter.py) ------------------------------------------------
+
+    def window_acquire(self, key: str, limit: int, expiry: float, amount: int, now: float) -> bool:
+        """A moving window's hit: record ``amount`` hits at ``now`` if the last ``expiry``
+        seconds hold at most ``limit - amount``. The value is a pickled list of times,
+        newest first (a plain list to readers); the store writes it and reads it back
+        with an unpickler that refuses every global."""
+        key = _check_key(key)
+        ttl = _check_ttl(expiry)
+        limit, amount = _check_count("limit", limit), _check_count("amount", amount)
+        if type(now) not in (int, float):
+            raise TypeError("window_acquire: now must be a number of seconds")
+        self._writable((key,))
+        entries: Any = []
+        if self._alive(key):
+            value = self.space.data[key]
+            try:
+                entries = NoGlobals(io.BytesIO(value)).load() if type(value) is bytes else None
+            except Exception:  # noqa: BLE001 - not a window, whatever it is
+                entries = None
+            if type(entries) is not list or not all(type(t) is float for t in entries):
+                raise TypeError(f"key {key!r} does not hold a moving window")
+        fresh = [t for t in entries if t > now - expiry]
+        if len(fresh) + amount > limit:
+            return False
+        hits = [float(now)] * amount + fresh
+        self._store(key, pickle.dumps(hits, protocol=pickle.HIGHEST_PROTOCOL), ttl)
+        return True
+
+    def sliding_acquire(
+        self, previous: str, current: str, limit: int, amount: int, weight: float, ttl: float
+    ) -> bool:
+        """A sliding-window counter's hit: add ``amount`` to ``current`` if
+        ``floor(previous * weight + current) + amount <= limit``; a counter this call
+        creates lives ``ttl`` seconds."""
+        previous, current = _check_key(previous), _check_key(current)
+        checked_ttl = _check_ttl(ttl)
+        limit, amount = _check_count("limit", limit), _check_count("amount", amount)
+        if type(weight) not in (int, float) or not 0 <= weight <= 1:
+            raise ValueError("sliding_acquire: weight must be from 0 to 1")
+        self._writable((current,))
+        counts: list[int | float] = []
+        for key in (previous, current):
+            value = self.space.data[key] if self._alive(key) else 0
+            if not isinstance(value, (int, float)):
+                raise TypeError(f"key {key!r} does not hold a counter")
+            counts.append(value)
+        if math.floor(counts[0] * weight + counts[1]) + amount > limit:
+            return False
+        if self._alive(current):
+            self._store(current, counts[1] + amount, KEEP_TTL)
+        else:
+            self._store(current, amount, checked_ttl)
+        return True
 
     # -- locks -----------------------------------------------------------------
 
