@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask_sharedstate.caching import SharedStateCache
@@ -28,3 +29,16 @@ def cache_add_once(socket_path: str, worker: int, barrier: Any, results: Any) ->
 
 def _context(shared: Any) -> Any:
     return shared._app.app_context()
+
+
+def get_or_set_and_hang(socket_path: str) -> None:
+    """Start computing a cold value, say so, and never finish (the test kills us)."""
+    shared = make_shared(socket_path)
+
+    def compute() -> str:
+        shared.set("runner_started", True)
+        time.sleep(600)
+        return "never"
+
+    with _context(shared):
+        shared.get_or_set("cold", compute, ttl=60)

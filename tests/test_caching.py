@@ -6,6 +6,9 @@ add, timeouts as cachelib defines them, clear() of this cache's keys only."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Any
 
 import cacheworkers
@@ -15,6 +18,8 @@ from test_processes import any_backend, ctx, here, procs, run_all, socket_path
 
 from flask_sharedstate import SharedState
 from flask_sharedstate.caching import SharedStateCache
+
+from conftest import wait_for
 
 
 def test_inc_from_8_processes_is_exact(
@@ -118,3 +123,56 @@ def test_flask_caching_factory(app: Flask, shared: SharedState) -> None:
         assert 41 < (shared.ttl("cache:fc:k") or 0) <= 42
         backend = app.extensions["cache"][cache]
         assert isinstance(backend, SharedStateCache)
+
+
+def test_get_or_set_waiter_takes_over_from_a_runner_that_raises(
+    shared: SharedState, app: Flask
+) -> None:
+    """The runner's error is its own; a waiter then computes the value itself."""
+    import threading
+
+    started = threading.Event()
+    outcomes: dict[str, Any] = {}
+
+    def failing() -> str:
+        started.set()
+        time.sleep(0.5)
+        raise RuntimeError("the runner failed")
+
+    def runner() -> None:
+        with app.app_context():
+            try:
+                shared.get_or_set("cold", failing, ttl=60)
+            except RuntimeError as exc:
+                outcomes["runner"] = exc
+            finally:
+                app.extensions["sharedstate"].backend.close()
+
+    thread = threading.Thread(target=runner)
+    thread.start()
+    try:
+        assert started.wait(30)
+        with app.app_context():
+            outcomes["waiter"] = shared.get_or_set("cold", lambda: "from the waiter", ttl=60)
+    finally:
+        thread.join(30)
+    assert str(outcomes["runner"]) == "the runner failed"
+    assert outcomes["waiter"] == "from the waiter"
+
+
+def test_get_or_set_waiter_takes_over_from_a_runner_that_dies(
+    any_backend: str, socket_path: str, procs: list[Any], here: SharedState
+) -> None:
+    """A runner SIGKILLed mid-computation never hangs the others: its lock is freed (at
+    once on the embedded server, after the lease on Redis) and a waiter computes."""
+    runner = ctx.Process(target=cacheworkers.get_or_set_and_hang, args=(socket_path,))
+    runner.start()
+    procs.append(runner)
+    wait_for(lambda: here.get("runner_started"), timeout=30, interval=0.05)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.join(10)
+    started = time.monotonic()
+    with here._app.app_context():  # type: ignore[union-attr]
+        value = here.get_or_set("cold", lambda: "from the waiter", ttl=60, timeout=30)
+    assert value == "from the waiter"
+    assert time.monotonic() - started < 30
