@@ -77,3 +77,20 @@ def test_changelog_and_license_pages(html: str) -> None:
     license_page = _text(_page(html, "license.html"))
     assert "BSD-3-Clause" in license_page
     assert "Redistribution and use in source and binary forms" in license_page
+
+
+def test_readme_names_only_files_the_repository_has() -> None:
+    """Every repository path the README names in code (``scripts/test``, ``*.md``) exists."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    folders = {n for n in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, n))}
+    named = set()
+    for span in re.findall(r"`([^`\n]+)`", readme) + re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for word in re.findall(r"[\w./-]+", span):
+            word = word.removeprefix("./").rstrip(".")
+            if word.endswith(".md") or word.split("/")[0] in folders and "/" in word:
+                named.add(word)
+    named.discard("docs/_build")  # where the docs are built to
+    missing = sorted(n for n in named if not os.path.exists(os.path.join(ROOT, n)))
+    assert not missing, f"the README names files the repository does not have: {missing}"
+    assert "scripts/test" in named and "docs/architecture.md" in named
