@@ -239,5 +239,8 @@ def test_one_leader_runs_each_tick_and_fails_over(site: Site) -> None:
     after = site.get("/ticks").json()
     assert set(after["ran"].values()) == {1}, after  # no tick ran twice
     failover = first_slot * 0.5 - killed_at
-    assert failover < 15, failover
+    # At once on the embedded server (measured 0.2-0.3 s), after the 2 s lease on Redis;
+    # the bounds leave room for a loaded machine and the 0.5 s tick.
+    bound = 5.0 if site.env["FLASK_SHAREDSTATE_BACKEND"] == "manager" else 2.0 + 5.0
+    assert failover < bound, failover
     print(f"failover took {failover:.2f}s (tick granularity 0.5s)")
