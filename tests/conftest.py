@@ -216,3 +216,15 @@ def shared(app: Flask) -> Iterator[SharedState]:
     ext = SharedState(app)
     yield ext
     app.extensions["sharedstate"].backend.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Processes a test starts; killed (after SIGCONT, if stopped) at the end."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        p.join(10)

@@ -31,12 +31,7 @@ def hold_for(config: dict[str, Any], name: str, seconds: float, results: Any) ->
     lock.acquire()
     results.put("held")
     time.sleep(seconds)
-    try:
-        lock.release()
-    except Exception as exc:
-        results.put(outcome(exc))
-    else:
-        results.put(outcome(None))
+    release_and_report(lock, results)
 
 
 def hold_until(config: dict[str, Any], name: str, go: Any, results: Any) -> None:
@@ -46,6 +41,11 @@ def hold_until(config: dict[str, Any], name: str, go: Any, results: Any) -> None
     lock.acquire()
     results.put("held")
     go.wait(120)
+    release_and_report(lock, results)
+
+
+def release_and_report(lock: Any, results: Any) -> None:
+    """Release ``lock`` and put how that went (None, or the exception) on ``results``."""
     try:
         lock.release()
     except Exception as exc:

@@ -14,7 +14,7 @@ from typing import Any
 import cacheworkers
 import pytest
 from flask import Flask
-from test_processes import any_backend, ctx, here, procs, run_all, socket_path
+from test_processes import any_backend, ctx, here, run_all, socket_path
 
 from flask_sharedstate import SharedState
 from flask_sharedstate.caching import SharedStateCache

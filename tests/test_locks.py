@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import lock_workers
@@ -25,18 +24,6 @@ from flask_sharedstate import LockNotOwned, SharedState, SharedStateUnavailable
 from conftest import _redis, kill_servers, make_app, server_pids, wait_for
 
 ctx = multiprocessing.get_context("spawn")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Processes a test starts; killed (after SIGCONT, if stopped) at the end."""
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGCONT)
-            p.kill()
-        p.join(10)
 
 
 def redis_config(run_dir: str, lease: float = 2.0) -> dict[str, Any]:

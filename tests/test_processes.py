@@ -44,17 +44,6 @@ def any_backend(
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Processes a test starts; any still alive at the end are killed."""
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(10)
-
-
-@pytest.fixture
 def here(socket_path: str) -> Iterator[SharedState]:
     """The test process's own client of the server at ``socket_path``."""
     shared = workers.make_shared(socket_path)
