@@ -26,6 +26,11 @@ import workers
 from conftest import server_pids, wait_for
 
 OUTER_SIZE = 8 * 1024 * 1024
+#: The image's block size: one tmpfs page, so that a block of the image is kept
+#: ("backed") exactly when it was written itself (mkfs picks 1 KiB blocks for so small an
+#: image: four blocks in one page, and a new block could land in a page that a
+#: neighbour had already filled, so a write "failed" or not by chance).
+BLOCK_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +47,9 @@ class FailingDisk:
         self.filler = os.path.join(self.outer, "filler")
 
     def mount_image(self) -> None:
-        done = run("mount", "-o", "loop,errors=continue", self.image, self.mount)
+        # noinit_itable: no kernel thread zeroing inode tables in the image meanwhile
+        options = "loop,errors=continue,noinit_itable"
+        done = run("mount", "-o", options, self.image, self.mount)
         if done.returncode != 0:
             raise RuntimeError(f"cannot mount {self.image}: {done.stderr}")
 
@@ -53,18 +60,30 @@ class FailingDisk:
         self.mount_image()
 
     def fill(self) -> None:
-        """Fill the tmpfs under the image: writes to the image's free blocks now fail."""
+        """Fill the tmpfs under the image: writes to the image's free blocks now fail.
+
+        What was written so far is written back first, so that the blocks in use are
+        kept and every block written later needs a page the tmpfs has not got.
+        """
+        done = run("sync", "-f", self.mount)
+        assert done.returncode == 0, done.stderr
         fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            for _ in range(OUTER_SIZE // 65536 + 10):
-                try:
-                    os.write(fd, b"\0" * 65536)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-                    return
-            raise AssertionError(f"{self.outer} never filled up")
+            for chunk in (65536, BLOCK_SIZE, 1):  # to the last page
+                for _ in range(OUTER_SIZE // chunk + 10):
+                    try:
+                        os.write(fd, b"\0" * chunk)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC
+                        break
+                else:
+                    raise AssertionError(f"{self.outer} never filled up")
         finally:
             os.close(fd)
+        assert self.free_pages() == 0
+
+    def free_pages(self) -> int:
+        return os.statvfs(self.outer).f_bfree
 
     def free(self) -> None:
         os.unlink(self.filler)
@@ -88,7 +107,11 @@ def failing_disk(run_dir: str) -> Iterator[FailingDisk]:
         with open(disk.image, "wb") as f:
             f.truncate(64 * 1024 * 1024)  # sparse: far larger than the tmpfs under it
         options = "lazy_itable_init=1,lazy_journal_init=1"
-        done = run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", options, disk.image)
+        done = run(
+            "mkfs.ext4",
+            *("-q", "-F", "-b", str(BLOCK_SIZE), "-O", "^has_journal", "-E", options),
+            disk.image,
+        )
         assert done.returncode == 0, done.stderr
         try:
             disk.mount_image()
@@ -209,12 +232,12 @@ def test_failed_fsync_in_everysec_mode_stops_writes_until_rewritten(
         except NotPersisted as exc:
             refused = exc
         time.sleep(0.01)
-    log = os.path.join(run_dir, "app.sock.log")
-    with open(log) as f:
+    with open(os.path.join(run_dir, "app.sock.log")) as f:
         logged = f.read()
-    assert refused is not None, f"writes were never refused after the fsync failed:\n{logged}"
-    assert "fsync failed" in str(refused), logged
-    assert "fsync failed" in logged
+    context = f"{failing_disk.free_pages()} pages free in the tmpfs; the server's log:\n{logged}"
+    assert refused is not None, f"writes were never refused after the fsync failed: {context}"
+    assert "fsync failed" in str(refused), context
+    assert "fsync failed" in logged, context
     assert acknowledged >= 1  # some writes were acknowledged before the failed fsync
     assert shared.get("n") == acknowledged  # reads go on
     with pytest.raises(NotPersisted):
