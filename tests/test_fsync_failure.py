@@ -153,7 +153,7 @@ def exited(pid: int) -> bool:
     """
     try:
         threads = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+    except OSError:  # gone (or going: ESRCH while it is reaped)
         return True
     for thread in threads:
         try:
