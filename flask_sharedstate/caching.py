@@ -63,7 +63,9 @@ class SharedStateCache(BaseCache):
         key_prefix: str = "",
         ignore_delete_many_errors: bool = True,
     ) -> None:
-        super().__init__(default_timeout, ignore_delete_many_errors)
+        # Older Flask-Caching (2.4, the last on Python 3.10) takes default_timeout alone.
+        super().__init__(default_timeout=default_timeout)
+        self.ignore_delete_many_errors = ignore_delete_many_errors
         self.key_prefix = key_prefix
         self._shared = SharedState()  # bound to no app: works on the current one
 
