@@ -85,8 +85,6 @@ class Leadership:
                     self._hold(lock)
                 finally:
                     self._leading.clear()
-            if self._leading.is_set():  # pragma: no cover - stop() while leading
-                self._leading.clear()
 
     def _hold(self, lock: Any) -> None:
         """Keep holding until the lock is lost or we are stopped."""
