@@ -214,7 +214,7 @@ class RedisBackend(Backend):
                 # (Nor after a refusal: credentials or ACL permissions.)
                 if attempt == 1 and entry.read_only and not isinstance(exc, _FINAL):
                     continue
-                raise unavailable(exc, self.address, op, self._timeout) from None
+                raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- connections ------------------------------------------------------------------

@@ -190,7 +190,9 @@ def connect(
     )
 
 
-def unavailable(exc: Exception, address: str, op: str, timeout: float) -> SharedStateUnavailable:
+def unavailable(
+    exc: Exception, address: str, op: str, timeout: float, namespace: str
+) -> SharedStateUnavailable:
     """The error for a Redis that could not be used: what happened and what to do."""
     import redis
 
@@ -203,10 +205,10 @@ def unavailable(exc: Exception, address: str, op: str, timeout: float) -> Shared
         )
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return SharedStateUnavailable(
-            f"Redis at {address} refused {op!r} to this ACL user ({what}); nothing was"
-            " changed. The backend needs these commands, on its keys (all under"
-            f" '{{NAMESPACE}}:'): {COMMANDS}; e.g. ACL SETUSER <user> ~{{<namespace>}}:*"
-            f" +{' +'.join(COMMANDS.split())}."
+            f"Redis at {address} refused {op!r} to this ACL user (NOPERM {exc}); nothing"
+            " was changed. The backend needs these commands on the keys of its namespace"
+            f" ({{{namespace}}}:*): ACL SETUSER <user> ~{{{namespace}}}:*"
+            f" +{' +'.join(COMMANDS.split())}"
         )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(
@@ -215,18 +217,21 @@ def unavailable(exc: Exception, address: str, op: str, timeout: float) -> Shared
             " been applied."
         )
     hint = ""
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
+    text = str(exc).upper()
+    if "CERTIFICATE_REQUIRED" in text or "ALERT BAD CERTIFICATE" in text or "UNKNOWN CA" in text:
         hint = (
-            " The server's TLS certificate was refused: give its CA as ssl_ca_certs (in the"
-            " URL or SHAREDSTATE_REDIS_OPTIONS), and connect with the name it was issued"
-            " for."
+            " The server refused this client's TLS certificate (or its absence): give"
+            " ssl_certfile and ssl_keyfile (in the URL or SHAREDSTATE_REDIS_OPTIONS), a"
+            " certificate from a CA the server's tls-ca-cert-file trusts."
         )
-    elif "SSL" in text or "TLS" in text or "EOF" in text:
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
         hint = (
-            " The TLS handshake failed: check rediss:// against the server's tls-port, and"
-            " ssl_certfile/ssl_keyfile if the server asks for a client certificate."
+            " The server's TLS certificate was refused: give the CA that signed it as"
+            " ssl_ca_certs (in the URL or SHAREDSTATE_REDIS_OPTIONS), and connect with a"
+            " host name the certificate is for."
         )
+    elif "SSL" in text or "TLS" in text:
+        hint = " The TLS handshake failed: check that the port speaks TLS (tls-port)."
     return SharedStateUnavailable(
         f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
         f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
