@@ -47,7 +47,7 @@ from typing import Any
 from ..errors import ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
-from .redis_client import connect, redact, unavailable
+from .redis_client import connect, redact, refused, unavailable
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -203,17 +203,20 @@ class RedisBackend(Backend):
             raise ValueError(f"unknown operation {op!r}")
         method = getattr(self, "op_" + op)
         redis = self._redis
-        NoPermissionError = redis.exceptions.NoPermissionError  # noqa: N806
-        _FINAL = (redis.TimeoutError, redis.AuthenticationError, NoPermissionError)  # noqa: N806
         for attempt in (1, 2):
             try:
                 return method(*args)
-            except (redis.ConnectionError, redis.TimeoutError, NoPermissionError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # A read is safe to send again, on a new connection, after a dropped
                 # one (Redis restarting); not after a timeout: that would double it.
-                # (Nor after a refusal: credentials or ACL permissions.)
-                if attempt == 1 and entry.read_only and not isinstance(exc, _FINAL):
+                # (Nor after refused credentials.)
+                final = (redis.TimeoutError, redis.AuthenticationError)
+                if attempt == 1 and entry.read_only and not isinstance(exc, final):
                     continue
+                raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
+            except redis.ResponseError as exc:
+                if not refused(exc):  # an ACL user's missing permission
+                    raise
                 raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -203,7 +203,7 @@ def unavailable(
             " password in SHAREDSTATE_REDIS_URL (or SHAREDSTATE_REDIS_OPTIONS), and that"
             " the ACL user is on."
         )
-    if isinstance(exc, redis.exceptions.NoPermissionError):
+    if refused(exc):
         return SharedStateUnavailable(
             f"Redis at {address} refused {op!r} to this ACL user (NOPERM {exc}); nothing"
             " was changed. The backend needs these commands on the keys of its namespace"
@@ -236,6 +236,15 @@ def unavailable(
         f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
         f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
         f" applied.{hint}"
+    )
+
+
+def refused(exc: Exception) -> bool:
+    """Whether Redis refused a command (or one a script runs) to this ACL user."""
+    import redis
+
+    return isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and "can't run this command" in str(exc)
     )
 
 
