@@ -383,26 +383,30 @@ def test_redis_options_are_checked_at_init_app(url: str, options: Any, says: str
 SERVICE = "fss-service"
 
 
-@pytest.fixture
-def sentinel_setup(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+def start_sentinels(
+    folder: str,
+    redises: list[subprocess.Popen[bytes]],
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> dict[str, Any]:
     """One master, one replica and three sentinels (quorum 2) on loopback ports, each
-    sentinel knowing the replica and the two other sentinels."""
-    folder = str(tmp_path)
+    sentinel knowing the replica and the two other sentinels. ``password`` is the
+    master's and the replica's, ``sentinel_password`` the sentinels' own."""
     master_port, replica_port = free_port(), free_port()
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
+
+    def data(port: int) -> Callable[[], Any]:
+        return lambda: redis_client.Redis(port=port, password=password, socket_timeout=2)
+
+    def sentinel(port: int, **kwargs: Any) -> Any:
+        return redis_client.Redis(port=port, password=sentinel_password, socket_timeout=2, **kwargs)
+
     master = spawn_redis(
-        redises,
-        folder,
-        "master",
-        plain_args(master_port, folder),
-        lambda: redis_client.Redis(port=master_port, socket_timeout=2),
+        redises, folder, "master", [*plain_args(master_port, folder), *auth], data(master_port)
     )
-    replica = spawn_redis(
-        redises,
-        folder,
-        "replica",
-        [*plain_args(replica_port, folder), "--replicaof", "127.0.0.1", str(master_port)],
-        lambda: redis_client.Redis(port=replica_port, socket_timeout=2),
-    )
+    replica_args = [*plain_args(replica_port, folder), *auth]
+    replica_args += ["--replicaof", "127.0.0.1", str(master_port)]
+    replica = spawn_redis(redises, folder, "replica", replica_args, data(replica_port))
     sentinel_ports = [free_port() for _ in range(3)]
     for port in sentinel_ports:
         conf = os.path.join(folder, f"sentinel-{port}.conf")
@@ -413,17 +417,17 @@ def sentinel_setup(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dic
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
             )
+            if password:
+                f.write(f"sentinel auth-pass {SERVICE} {password}\n")
+            if sentinel_password:
+                f.write(f"requirepass {sentinel_password}\n")
         spawn_redis(
-            redises,
-            folder,
-            f"sentinel-{port}",
-            [conf, "--sentinel"],
-            lambda port=port: redis_client.Redis(port=port, socket_timeout=2),
+            redises, folder, f"sentinel-{port}", [conf, "--sentinel"], lambda p=port: sentinel(p)
         )
 
     def ready() -> bool:
         for port in sentinel_ports:
-            client = redis_client.Redis(port=port, socket_timeout=2, decode_responses=True)
+            client = sentinel(port, decode_responses=True)
             try:
                 state = client.sentinel_master(SERVICE)
                 replicas = client.sentinel_slaves(SERVICE)
@@ -436,14 +440,16 @@ def sentinel_setup(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dic
         return True
 
     wait_for(ready, timeout=30, interval=0.2)
-    wait_for(
-        lambda: (
-            redis_client.Redis(port=replica_port).info("replication")["master_link_status"] == "up"
-        ),
-        timeout=20,
-    )
+    replica_client = data(replica_port)()
+    try:
+        wait_for(
+            lambda: replica_client.info("replication")["master_link_status"] == "up", timeout=20
+        )
+    finally:
+        replica_client.close()
     hosts = ",".join(f"127.0.0.1:{p}" for p in sentinel_ports)
     return {
+        "hosts": hosts,
         "url": f"redis+sentinel://{hosts}/{SERVICE}",
         "master": master,
         "master_port": master_port,
@@ -451,6 +457,50 @@ def sentinel_setup(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dic
         "replica_port": replica_port,
         "sentinel_ports": sentinel_ports,
     }
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """A master, a replica and three sentinels, without passwords."""
+    return start_sentinels(str(tmp_path), redises)
+
+
+def test_sentinel_with_passwords_for_the_master_and_the_sentinels(
+    tmp_path: Any, redises: list[subprocess.Popen[bytes]], run_dir: str, redis_url: str
+) -> None:
+    """The URL's password is the master's (and, as in ``limits``, the sentinels');
+    sentinel_kwargs gives the sentinels their own. A wrong one says which."""
+    s = start_sentinels(str(tmp_path), redises, password="data-pw", sentinel_password="s-pw")
+
+    def app(url: str, options: dict[str, Any] | None) -> SharedState:
+        app = make_app("redis", run_dir, name="sentinel-auth", SHAREDSTATE_TIMEOUT=2.0)
+        app.config.update(SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_REDIS_OPTIONS=options)
+        return SharedState(app, defaults={"d": 5})
+
+    url = f"redis+sentinel://:data-pw@{s['hosts']}/{SERVICE}"
+    good = app(url, {"sentinel_kwargs": {"password": "s-pw"}})
+    try:
+        use_everything(good)
+        assert good.get("d") == 5
+    finally:
+        good.state().backend.close()
+    for says, bad_url, sentinel_password in [
+        ("A sentinel refused the password", url, "wrong"),
+        ("refused the credentials", url.replace("data-pw", "wrong"), "s-pw"),
+    ]:
+        options = {"sentinel_kwargs": {"password": sentinel_password}}
+        bad = app(bad_url, options)
+        try:
+            start = time.monotonic()
+            with pytest.raises(SharedStateUnavailable) as info:
+                bad.get("k")
+            message = str(info.value)
+            assert time.monotonic() - start < 2 * 2.0 + 1
+            assert "wrong" not in message.replace("WRONGPASS", ""), message
+            assert len(message) < 1000, message  # readable, not a dump of clients
+            assert says in message, message
+        finally:
+            bad.state().backend.close()
 
 
 def master_port_now(sentinel_ports: list[int]) -> int | None:

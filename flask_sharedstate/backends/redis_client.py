@@ -24,6 +24,7 @@ arguments that carry the backend's guarantees are the backend's own
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -195,6 +196,7 @@ def unavailable(
 ) -> SharedStateUnavailable:
     """The error for a Redis that could not be used: what happened and what to do."""
     import redis
+    from redis.sentinel import MasterNotFoundError
 
     what = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, redis.AuthenticationError):
@@ -209,6 +211,23 @@ def unavailable(
             " was changed. The backend needs these commands on the keys of its namespace"
             f" ({{{namespace}}}:*): ACL SETUSER <user> ~{{{namespace}}}:*"
             f" +{' +'.join(COMMANDS.split())}"
+        )
+    if isinstance(exc, MasterNotFoundError):
+        # (redis-py's own text holds a repr of each sentinel's client: too long to read.)
+        causes = sorted(set(re.findall(r"\b(\w+Error)\b", str(exc))) - {"MasterNotFoundError"})
+        hint = ""
+        if "AuthenticationError" in causes:
+            hint = (
+                " A sentinel refused the password: the URL's user and password go to the"
+                " sentinels too, unless SHAREDSTATE_REDIS_OPTIONS = {'sentinel_kwargs':"
+                " {'password': ...}} gives theirs (None for none)."
+            )
+        return SharedStateUnavailable(
+            f"Redis at {address}: no sentinel named a master for {op!r} within"
+            f" {timeout:g}s (SHAREDSTATE_TIMEOUT) (MasterNotFoundError"
+            f"{': ' + ', '.join(causes) if causes else ''}): the sentinels are unreachable,"
+            " refuse this client, or are between a master's failure and its replacement;"
+            f" if it was a write, it was not sent.{hint}"
         )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(
