@@ -359,6 +359,9 @@ def test_wrong_password_is_an_authentication_error(acl: Callable[..., str], run_
         ("redis+sentinel://h:1,h:x/svc", None, "'h:x' is not a sentinel"),
         ("redis+sentinel://:secret@h:1", None, "names no service"),
         ("redis+cluster://h:1", None, "redis://, rediss:// or unix://"),
+        ("rediss://h/0", {"ssl_ca_cert": "/x"}, "'ssl_ca_cert'.*did you mean 'ssl_ca_certs'"),
+        ("redis://h/0?ssl_ca_certs=/x", None, "'ssl_ca_certs' \\(in the URL\\).*need rediss"),
+        ("redis+sentinel://h:1/s", {"ssl_certfile": "/x"}, "'ssl_certfile'.*need rediss"),
     ],
 )
 def test_redis_options_are_checked_at_init_app(url: str, options: Any, says: str) -> None:

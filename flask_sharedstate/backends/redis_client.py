@@ -24,6 +24,8 @@ arguments that carry the backend's guarantees are the backend's own
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -92,6 +94,18 @@ def check(url: str, options: Any) -> dict[str, Any]:
                     f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in {where}) is the backend's own:"
                     f" {OWNED[name]}. Remove it."
                 )
+    known = _arguments(url)
+    for where, names in (("SHAREDSTATE_REDIS_OPTIONS", list(options)), ("the URL", list(query))):
+        for name in names:
+            if known is not None and name not in known and name != "sentinel_kwargs":
+                close = difflib.get_close_matches(name, known, 1)
+                scheme = url.split("://", 1)[0] + "://"
+                raise ConfigError(
+                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in {where}) is not an argument"
+                    f" redis-py takes for a {scheme} URL"
+                    + (f": did you mean {close[0]!r}?" if close else ".")
+                    + (" (ssl_* arguments need rediss://.)" if name.startswith("ssl") else "")
+                )
     sentinel_kwargs = options.get("sentinel_kwargs")
     if sentinel_kwargs is not None:
         if not url.startswith(SENTINEL_SCHEME):
@@ -113,6 +127,26 @@ def check(url: str, options: Any) -> dict[str, Any]:
     if url.startswith(SENTINEL_SCHEME):
         _sentinel_parts(url)  # raises ConfigError
     return dict(options)
+
+
+def _arguments(url: str) -> set[str] | None:
+    """The connection arguments redis-py takes for ``url``'s scheme (None: no redis-py)."""
+    try:
+        from redis import connection
+    except ImportError:
+        return None  # the backend says to install it
+    kind: type = connection.Connection
+    if url.startswith("rediss://"):
+        kind = connection.SSLConnection
+    elif url.startswith("unix://"):
+        kind = connection.UnixDomainSocketConnection
+    names = {"max_connections", "db", "username", "password"}
+    for cls in kind.__mro__:
+        if "__init__" in cls.__dict__:
+            names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
+    if url.startswith(SENTINEL_SCHEME):
+        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
+    return names - {"self", "args", "kwargs"} - set(OWNED)
 
 
 def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
