@@ -126,14 +126,15 @@ def make_leaf(folder: str, ca: str, name: str, extensions: str) -> None:
     )  # fmt: skip
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str, str]:
-    """A redis-server that speaks TLS only (no plain port) and wants client certificates.
+def start_tls_redis(
+    folder: str, redises: list[subprocess.Popen[bytes]], auth_clients: str
+) -> dict[str, str]:
+    """A redis-server that speaks TLS only (no plain port); ``auth_clients`` is its
+    ``tls-auth-clients`` (``yes``: a client certificate is required; ``optional``).
 
     Its certificate is for the name ``localhost`` only (not ``127.0.0.1``), from the
     test's own CA; ``other-ca`` signed nothing of it.
     """
-    folder = str(tmp_path)
     make_ca(folder, "ca")
     make_ca(folder, "other-ca")
     make_leaf(folder, "ca", "server", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth")
@@ -142,12 +143,12 @@ def tls_redis(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str
     port = free_port()
     args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--tls-cert-file", files["server.crt"], "--tls-key-file", files["server.key"]]
-    args += ["--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", "yes", "--dir", folder]
+    args += ["--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", auth_clients]
     spawn_redis(
         redises,
         folder,
         "tls",
-        args,
+        [*args, "--dir", folder],
         lambda: redis_client.Redis(
             host="localhost",
             port=port,
@@ -159,6 +160,12 @@ def tls_redis(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str
         ),
     )
     return {"port": str(port), **{name.replace(".", "_"): path for name, path in files.items()}}
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Any, redises: list[subprocess.Popen[bytes]]) -> dict[str, str]:
+    """A TLS-only redis-server that requires client certificates."""
+    return start_tls_redis(str(tmp_path), redises, "yes")
 
 
 def tls_app(run_dir: str, url: str, **config: Any) -> SharedState:
@@ -200,6 +207,23 @@ def test_tls_with_options_dict(tls_redis: dict[str, str], run_dir: str, redis_ur
         use_everything(shared)
     finally:
         shared.state().backend.close()
+
+
+def test_tls_server_with_optional_client_certificates(
+    tmp_path: Any, redises: list[subprocess.Popen[bytes]], run_dir: str, redis_url: str
+) -> None:
+    """tls-auth-clients optional: the CA alone is enough (no client certificate), and
+    the server's certificate is still checked (another CA is refused)."""
+    t = start_tls_redis(str(tmp_path), redises, "optional")
+    shared = tls_app(run_dir, f"rediss://localhost:{t['port']}/0?ssl_ca_certs={t['ca_crt']}")
+    other = tls_app(run_dir, f"rediss://localhost:{t['port']}/0?ssl_ca_certs={t['other-ca_crt']}")
+    try:
+        use_everything(shared)
+        with pytest.raises(SharedStateUnavailable, match="certificate verify failed"):
+            other.get("k")
+    finally:
+        shared.state().backend.close()
+        other.state().backend.close()
 
 
 @pytest.mark.parametrize(
