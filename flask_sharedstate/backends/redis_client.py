@@ -87,22 +87,21 @@ def check(url: str, options: Any) -> dict[str, Any]:
             " dict of redis-py connection arguments, e.g. {'ssl_ca_certs': '/path/ca.pem'}."
         )
     query = parse_qs(urlsplit(url).query)
-    for where, names in (("SHAREDSTATE_REDIS_OPTIONS", list(options)), ("the URL", list(query))):
+    given = (("SHAREDSTATE_REDIS_OPTIONS", list(options)), ("SHAREDSTATE_REDIS_URL", list(query)))
+    for where, names in given:
         for name in names:
             if name in OWNED:
                 raise ConfigError(
-                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in {where}) is the backend's own:"
-                    f" {OWNED[name]}. Remove it."
+                    f"{where}: {name!r} is the backend's own: {OWNED[name]}. Remove it."
                 )
     known = _arguments(url)
-    for where, names in (("SHAREDSTATE_REDIS_OPTIONS", list(options)), ("the URL", list(query))):
+    for where, names in given:
         for name in names:
             if known is not None and name not in known and name != "sentinel_kwargs":
                 close = difflib.get_close_matches(name, known, 1)
                 scheme = url.split("://", 1)[0] + "://"
                 raise ConfigError(
-                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in {where}) is not an argument"
-                    f" redis-py takes for a {scheme} URL"
+                    f"{where}: {name!r} is not an argument redis-py takes for a {scheme} URL"
                     + (f": did you mean {close[0]!r}?" if close else ".")
                     + (" (ssl_* arguments need rediss://.)" if name.startswith("ssl") else "")
                 )
