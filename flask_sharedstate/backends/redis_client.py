@@ -204,7 +204,11 @@ def connect(
 
     extra = dict(options)
     if not url.startswith(SENTINEL_SCHEME):
-        if url.startswith("rediss://"):
+        if (
+            url.startswith("rediss://")
+            and "ssl_cert_reqs" not in extra
+            and "ssl_cert_reqs=" not in url
+        ):
             extra.setdefault("ssl_check_hostname", True)  # (redis-py < 6: off by default)
         # The URL's query parameters override keyword arguments (redis-py's rule).
         return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
