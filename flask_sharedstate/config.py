@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "SHAREDSTATE_PERSIST_PATH": None,
     "SHAREDSTATE_FSYNC": "everysec",
     "SHAREDSTATE_REDIS_URL": None,
+    "SHAREDSTATE_REDIS_OPTIONS": None,
     "SHAREDSTATE_NAMESPACE": None,
     "SHAREDSTATE_TIMEOUT": 5.0,
     "SHAREDSTATE_LEASE": 30.0,
@@ -75,6 +76,8 @@ class Settings:
     fsync: str = "everysec"
     #: redis: the URL (its password never shown in a repr)
     redis_url: str | None = field(default=None, repr=False)
+    #: redis: redis-py connection arguments (TLS files, user, ...; may hold a password)
+    redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
     #: redis: seconds a lock or atomic block outlives a holder that vanished
     lease: float = 30.0
     #: manager: connections the server holds at once; more are refused
@@ -218,13 +221,17 @@ def load_settings(app: Flask) -> Settings:
     if backend not in BACKENDS:
         raise _fail("SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS)))
     redis_url = _text(config, "SHAREDSTATE_REDIS_URL")
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise _fail("SHAREDSTATE_REDIS_URL", redis_url, "a redis://, rediss:// or unix:// URL")
     if backend == "redis" and redis_url is None:
         raise ConfigError(
             "SHAREDSTATE_BACKEND = 'redis' needs SHAREDSTATE_REDIS_URL, e.g."
-            " 'redis://localhost:6379/0' (or rediss://, unix://)."
+            " 'redis://localhost:6379/0' (or rediss://, unix://, redis+sentinel://)."
         )
+    redis_options: dict[str, Any] = {}
+    if redis_url is not None:
+        # (Plain text checks: redis is imported only when the backend is built.)
+        from .backends.redis_client import check
+
+        redis_options = check(redis_url, config["SHAREDSTATE_REDIS_OPTIONS"])
 
     if backend == "manager":
         unsupported = _manager_unsupported()
@@ -358,6 +365,7 @@ def load_settings(app: Flask) -> Settings:
         namespace=namespace,
         timeout=timeout,
         redis_url=redis_url,
+        redis_options=redis_options,
         lease=lease,
         persist_path=persist_path,
         fsync=fsync,

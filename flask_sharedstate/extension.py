@@ -41,7 +41,12 @@ def _make_backend(settings: Settings) -> Backend:
 
         assert settings.redis_url is not None
         return RedisBackend(
-            settings.redis_url, settings.namespace, settings.timeout, settings.lease, settings.key
+            settings.redis_url,
+            settings.namespace,
+            settings.timeout,
+            settings.lease,
+            settings.key,
+            settings.redis_options,
         )
     from .backends.manager import ManagerBackend
 
@@ -78,8 +83,8 @@ class SharedState:
     Reads these config keys (see the README for each): ``SHAREDSTATE_BACKEND``,
     ``SHAREDSTATE_HOST``, ``SHAREDSTATE_PORT``, ``SHAREDSTATE_SOCKET``,
     ``SHAREDSTATE_KEY``, ``SHAREDSTATE_PERSIST_PATH``, ``SHAREDSTATE_FSYNC``,
-    ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_NAMESPACE``, ``SHAREDSTATE_TIMEOUT``,
-    ``SHAREDSTATE_LEASE``.
+    ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_REDIS_OPTIONS``, ``SHAREDSTATE_NAMESPACE``,
+    ``SHAREDSTATE_TIMEOUT``, ``SHAREDSTATE_LEASE``.
     """
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):

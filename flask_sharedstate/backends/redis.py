@@ -41,12 +41,13 @@ import pickle
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import ConfigError, LockNotOwned, LockTimeout, SharedStateUnavailable
+from ..errors import ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
+from .redis_client import connect, redact, refused, unavailable
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -143,12 +144,16 @@ class RedisBackend(Backend):
     name = "redis"
 
     def __init__(
-        self, url: str, namespace: str, timeout: float, lease: float, key: bytes | None
+        self,
+        url: str,
+        namespace: str,
+        timeout: float,
+        lease: float,
+        key: bytes | None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         try:
             import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
         except ImportError:
             raise ConfigError(
                 "SHAREDSTATE_BACKEND = 'redis' needs the redis client:"
@@ -162,7 +167,7 @@ class RedisBackend(Backend):
                 " of the app."
             )
         self._redis = redis
-        self.address = _redact(url)
+        self.address = redact(url)
         self._namespace = namespace
         self._timeout = timeout
         self._lease = lease
@@ -171,14 +176,7 @@ class RedisBackend(Backend):
         # No silent retries: a write whose reply was lost must not be applied twice.
         # Each reply, and connecting, is bounded by the timeout; new connections
         # apply the defaults (_connected) before their first command.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            redis_connect_func=self._connected,
-        )
+        self.client = connect(url, options or {}, timeout, self._connected)
         tag = "{" + namespace + "}:"
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"
@@ -211,13 +209,15 @@ class RedisBackend(Backend):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # A read is safe to send again, on a new connection, after a dropped
                 # one (Redis restarting); not after a timeout: that would double it.
-                if attempt == 1 and entry.read_only and not isinstance(exc, redis.TimeoutError):
+                # (Nor after refused credentials.)
+                final = (redis.TimeoutError, redis.AuthenticationError)
+                if attempt == 1 and entry.read_only and not isinstance(exc, final):
                     continue
-                raise SharedStateUnavailable(
-                    f"Redis at {self.address} did not answer {op!r} within"
-                    f" {self._timeout:g}s (SHAREDSTATE_TIMEOUT) ({type(exc).__name__}:"
-                    f" {exc}); if it was a write, it may or may not have been applied."
-                ) from None
+                raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
+            except redis.ResponseError as exc:
+                if not refused(exc):  # an ACL user's missing permission
+                    raise
+                raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- connections ------------------------------------------------------------------
@@ -576,17 +576,3 @@ def _lost() -> RuntimeError:
         " SHAREDSTATE_LEASE, or Redis restarted); nothing of it was written. Run the"
         " block again, or raise SHAREDSTATE_LEASE above the block's running time."
     )
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        user = parts.username or ""
-        parts = parts._replace(netloc=f"{user}:***@{host}")
-    return urlunsplit(parts)

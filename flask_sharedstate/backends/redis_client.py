@@ -1,0 +1,323 @@
+"""The redis-py client behind the ``redis`` backend: one Redis, TLS, an ACL user, or Sentinel.
+
+``SHAREDSTATE_REDIS_URL`` takes redis-py's own URLs, and one more:
+
+* ``redis://[user:password@]host[:port][/db]``, ``unix:///path?db=0``: as
+  :meth:`redis.Redis.from_url` reads them;
+* ``rediss://...``: TLS. The certificate is checked against the system's CAs,
+  or ``ssl_ca_certs``, and its name against the host, unless told otherwise
+  (redis-py before 6 did not check the name by default; here it always does);
+* ``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``:
+  the master that the sentinels name for ``service`` (default port 26379), as
+  the ``limits`` library writes it. The user and password are the master's and,
+  unless ``sentinel_kwargs`` says otherwise, the sentinels'.
+
+URL query parameters and ``SHAREDSTATE_REDIS_OPTIONS`` (a dict) are redis-py
+connection arguments (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_check_hostname``, ``username``, ``password``, ``client_name``, ...; for
+Sentinel also ``sentinel_kwargs``, a dict for the sentinels' connections). The
+arguments that carry the backend's guarantees are the backend's own
+(:data:`OWNED`): every reply and every connection is bounded by
+``SHAREDSTATE_TIMEOUT``, and nothing is sent twice behind the backend's back.
+:func:`check` refuses them at ``init_app``; :func:`connect` builds the client.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..errors import AuthenticationError, ConfigError, SharedStateUnavailable
+
+SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+
+#: redis-py arguments the backend sets itself, and why a user may not.
+OWNED: dict[str, str] = {
+    "socket_timeout": "every reply is bounded by SHAREDSTATE_TIMEOUT",
+    "socket_connect_timeout": "connecting is bounded by SHAREDSTATE_TIMEOUT",
+    "timeout": "every reply is bounded by SHAREDSTATE_TIMEOUT",
+    "retry": "a write whose reply was lost must not be sent again",
+    "retry_on_timeout": "a write whose reply was lost must not be sent again",
+    "retry_on_error": "a write whose reply was lost must not be sent again",
+    "health_check_interval": "a health check would be a second, unbounded round trip",
+    "redis_connect_func": "new connections apply the app's defaults",
+    "decode_responses": "values are bytes (signed pickles and numbers)",
+    "encoding": "values are bytes (signed pickles and numbers)",
+    "encoding_errors": "values are bytes (signed pickles and numbers)",
+    "protocol": "replies are read as RESP2",
+    "connection_pool": "the backend builds its own pool",
+    "connection_class": "the URL's scheme chooses it",
+    "single_connection_client": "each thread needs its own connection",
+    "host": "put it in SHAREDSTATE_REDIS_URL",
+    "port": "put it in SHAREDSTATE_REDIS_URL",
+    "path": "put it in SHAREDSTATE_REDIS_URL",
+    "unix_socket_path": "put it in SHAREDSTATE_REDIS_URL",
+    "url": "that is SHAREDSTATE_REDIS_URL",
+}
+
+#: The commands the backend runs (directly, or in its Lua scripts), for ACL users.
+COMMANDS = (
+    "get mget exists pttl scan evalsha eval script|load"
+    " set del pexpire persist incrby hget hset hexists sadd sismember"
+)
+
+
+def check(url: str, options: Any) -> dict[str, Any]:
+    """Validate ``SHAREDSTATE_REDIS_URL`` and ``SHAREDSTATE_REDIS_OPTIONS``; touch nothing.
+
+    :returns: the options, as a new dict.
+    :raises ConfigError: naming the key and what to do.
+    """
+    if not url.startswith((*SCHEMES, SENTINEL_SCHEME)):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected a redis://,"
+            f" rediss:// or unix:// URL, or {SENTINEL_SCHEME}host:port,host:port/service."
+        )
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_OPTIONS = {type(options).__name__} is not valid: expected a"
+            " dict of redis-py connection arguments, e.g. {'ssl_ca_certs': '/path/ca.pem'}."
+        )
+    query = parse_qs(urlsplit(url).query)
+    given = (("SHAREDSTATE_REDIS_OPTIONS", list(options)), ("SHAREDSTATE_REDIS_URL", list(query)))
+    for where, names in given:
+        for name in names:
+            if name in OWNED:
+                raise ConfigError(
+                    f"{where}: {name!r} is the backend's own: {OWNED[name]}. Remove it."
+                )
+    known = _arguments(url)
+    for where, names in given:
+        for name in names:
+            if known is not None and name not in known and name != "sentinel_kwargs":
+                close = difflib.get_close_matches(name, known, 1)
+                scheme = url.split("://", 1)[0] + "://"
+                raise ConfigError(
+                    f"{where}: {name!r} is not an argument redis-py takes for a {scheme} URL"
+                    + (f": did you mean {close[0]!r}?" if close else ".")
+                    + (" (ssl_* arguments need rediss://.)" if name.startswith("ssl") else "")
+                )
+    sentinel_kwargs = options.get("sentinel_kwargs")
+    if sentinel_kwargs is not None:
+        if not url.startswith(SENTINEL_SCHEME):
+            raise ConfigError(
+                f"SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' is for {SENTINEL_SCHEME} URLs;"
+                " remove it, or use a Sentinel URL."
+            )
+        if not isinstance(sentinel_kwargs, Mapping):
+            raise ConfigError(
+                "SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' must be a dict of redis-py"
+                " connection arguments for the sentinels, e.g. {'password': '...'}."
+            )
+        for name in sentinel_kwargs:
+            if name in OWNED:
+                raise ConfigError(
+                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is the"
+                    f" backend's own: {OWNED[name]}. Remove it."
+                )
+    if url.startswith(SENTINEL_SCHEME):
+        _sentinel_parts(url)  # raises ConfigError
+    return dict(options)
+
+
+def _arguments(url: str) -> set[str] | None:
+    """The connection arguments redis-py takes for ``url``'s scheme (None: no redis-py)."""
+    try:
+        from redis import connection
+    except ImportError:
+        return None  # the backend says to install it
+    kind: type = connection.Connection
+    if url.startswith("rediss://"):
+        kind = connection.SSLConnection
+    elif url.startswith("unix://"):
+        kind = connection.UnixDomainSocketConnection
+    names = {"max_connections", "db", "username", "password"}
+    for cls in kind.__mro__:
+        if "__init__" in cls.__dict__:
+            names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
+    if url.startswith(SENTINEL_SCHEME):
+        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
+    return names - {"self", "args", "kwargs"} - set(OWNED)
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+    """``(sentinels, service, db, auth)`` of a ``redis+sentinel://`` URL."""
+    rest = url[len(SENTINEL_SCHEME) :]
+    location, _, _ = rest.partition("?")
+    netloc, _, path = location.partition("/")
+    auth: dict[str, str] = {}
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if user:
+            auth["username"] = unquote(user)
+        if colon and password:
+            auth["password"] = unquote(password)
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":") if ":" in item else (item, "", "")
+        host = host.strip("[]")
+        if not host or (colon and not port.isdigit()):
+            raise ConfigError(
+                f"SHAREDSTATE_REDIS_URL = {redact(url)!r}: {item!r} is not a sentinel's"
+                f" host:port; write {SENTINEL_SCHEME}host:port,host:port/service_name."
+            )
+        sentinels.append((host, int(port) if port else SENTINEL_PORT))
+    service, _, db = path.strip("/").partition("/")
+    if not service or (db and not db.isdigit()):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} names no service (or a db that is no"
+            f" number): write {SENTINEL_SCHEME}host:port,host:port/service_name[/db]."
+        )
+    return sentinels, unquote(service), int(db or 0), auth
+
+
+def connect(
+    url: str, options: Mapping[str, Any], timeout: float, on_connect: Callable[[Any], None]
+) -> Any:
+    """A redis-py client for ``url``: nothing is retried, everything bounded by ``timeout``.
+
+    ``on_connect(connection)`` runs on every new connection (redis-py's
+    ``redis_connect_func``: it must call ``connection.on_connect()``). Opens no
+    connection itself.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+    from redis.retry import Retry
+
+    def owned() -> dict[str, Any]:
+        return {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+
+    extra = dict(options)
+    if not url.startswith(SENTINEL_SCHEME):
+        if (
+            url.startswith("rediss://")
+            and "ssl_cert_reqs" not in extra
+            and "ssl_cert_reqs=" not in url
+        ):
+            extra.setdefault("ssl_check_hostname", True)  # (redis-py < 6: off by default)
+        # The URL's query parameters override keyword arguments (redis-py's rule).
+        return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
+
+    from redis.sentinel import Sentinel
+
+    sentinels, service, db, auth = _sentinel_parts(url)
+    for name, values in parse_qs(urlsplit(url).query).items():
+        parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
+        extra[name] = parse(values[0])
+    sentinel_kwargs = {**auth, **(extra.pop("sentinel_kwargs", None) or {}), **owned()}
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **extra, **owned()
+    )
+    return manager.master_for(  # type: ignore[no-untyped-call]
+        service, db=db, redis_connect_func=on_connect
+    )
+
+
+def unavailable(
+    exc: Exception, address: str, op: str, timeout: float, namespace: str
+) -> SharedStateUnavailable:
+    """The error for a Redis that could not be used: what happened and what to do."""
+    import redis
+    from redis.sentinel import MasterNotFoundError
+
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, redis.AuthenticationError):
+        return AuthenticationError(
+            f"Redis at {address} refused the credentials ({what}): check the user and"
+            " password in SHAREDSTATE_REDIS_URL (or SHAREDSTATE_REDIS_OPTIONS), and that"
+            " the ACL user is on."
+        )
+    if refused(exc):
+        return SharedStateUnavailable(
+            f"Redis at {address} refused {op!r} to this ACL user (NOPERM {exc}); nothing"
+            " was changed. The backend needs these commands on the keys of its namespace"
+            f" ({{{namespace}}}:*): ACL SETUSER <user> ~{{{namespace}}}:*"
+            f" +{' +'.join(COMMANDS.split())}"
+        )
+    if isinstance(exc, MasterNotFoundError):
+        # (redis-py's own text holds a repr of each sentinel's client: too long to read.)
+        causes = sorted(set(re.findall(r"\b(\w+Error)\b", str(exc))) - {"MasterNotFoundError"})
+        hint = ""
+        if "AuthenticationError" in causes:
+            hint = (
+                " A sentinel refused the password: the URL's user and password go to the"
+                " sentinels too, unless SHAREDSTATE_REDIS_OPTIONS = {'sentinel_kwargs':"
+                " {'password': ...}} gives theirs (None for none)."
+            )
+        return SharedStateUnavailable(
+            f"Redis at {address}: no sentinel named a master for {op!r} within"
+            f" {timeout:g}s (SHAREDSTATE_TIMEOUT) (MasterNotFoundError"
+            f"{': ' + ', '.join(causes) if causes else ''}): the sentinels are unreachable,"
+            " refuse this client, or are between a master's failure and its replacement;"
+            f" if it was a write, it was not sent.{hint}"
+        )
+    if isinstance(exc, redis.TimeoutError):
+        return SharedStateUnavailable(
+            f"Redis at {address} did not answer {op!r} within {timeout:g}s"
+            f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have"
+            " been applied."
+        )
+    hint = ""
+    text = str(exc).upper()
+    if "CERTIFICATE_REQUIRED" in text or "ALERT BAD CERTIFICATE" in text or "UNKNOWN CA" in text:
+        hint = (
+            " The server refused this client's TLS certificate (or its absence): give"
+            " ssl_certfile and ssl_keyfile (in the URL or SHAREDSTATE_REDIS_OPTIONS), a"
+            " certificate from a CA the server's tls-ca-cert-file trusts."
+        )
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = (
+            " The server's TLS certificate was refused: give the CA that signed it as"
+            " ssl_ca_certs (in the URL or SHAREDSTATE_REDIS_OPTIONS), and connect with a"
+            " host name the certificate is for."
+        )
+    elif "SSL" in text or "TLS" in text:
+        hint = " The TLS handshake failed: check that the port speaks TLS (tls-port)."
+    return SharedStateUnavailable(
+        f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
+        f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
+        f" applied.{hint}"
+    )
+
+
+def refused(exc: Exception) -> bool:
+    """Whether Redis refused a command (or one a script runs) to this ACL user."""
+    import redis
+
+    return isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and "can't run this command" in str(exc)
+    )
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages (any scheme, several hosts too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    # Passwords in query parameters too.
+    path, q, query = path.partition("?")
+    if q:
+        query = "&".join(
+            p.split("=", 1)[0] + "=***" if "password" in p.split("=", 1)[0] else p
+            for p in query.split("&")
+        )
+    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
