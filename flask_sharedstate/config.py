@@ -20,6 +20,9 @@ from typing import Any
 
 from flask import Flask
 
+from .backends.redis_cluster import SCHEME as CLUSTER_SCHEME
+from .backends.redis_cluster import parse_url as parse_cluster_url
+from .backends.redis_cluster import redact as redact_cluster_url
 from .errors import ConfigError
 from .server.protocol import (
     DEFAULT_MAX_CONNECTIONS,
@@ -218,8 +221,17 @@ def load_settings(app: Flask) -> Settings:
     if backend not in BACKENDS:
         raise _fail("SHAREDSTATE_BACKEND", backend, "one of " + ", ".join(map(repr, BACKENDS)))
     redis_url = _text(config, "SHAREDSTATE_REDIS_URL")
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise _fail("SHAREDSTATE_REDIS_URL", redis_url, "a redis://, rediss:// or unix:// URL")
+    if redis_url is not None and redis_url.startswith(CLUSTER_SCHEME):
+        try:
+            parse_cluster_url(redis_url)
+        except ValueError as exc:
+            raise _fail("SHAREDSTATE_REDIS_URL", redact_cluster_url(redis_url), str(exc)) from None
+    elif redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise _fail(
+            "SHAREDSTATE_REDIS_URL",
+            redis_url,
+            "a redis://, rediss://, unix:// or redis+cluster://host:port[,host:port...] URL",
+        )
     if backend == "redis" and redis_url is None:
         raise ConfigError(
             "SHAREDSTATE_BACKEND = 'redis' needs SHAREDSTATE_REDIS_URL, e.g."

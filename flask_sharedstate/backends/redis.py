@@ -47,6 +47,7 @@ from typing import Any
 from ..errors import ConfigError, LockNotOwned, LockTimeout, SharedStateUnavailable
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
+from .redis_cluster import SCHEME as CLUSTER_SCHEME
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -162,23 +163,30 @@ class RedisBackend(Backend):
                 " of the app."
             )
         self._redis = redis
-        self.address = _redact(url)
         self._namespace = namespace
         self._timeout = timeout
         self._lease = lease
         self._lease_ms = _ms(lease)
         self._sign_key = hmac.digest(key, b"flask-sharedstate redis values", "sha256")
-        # No silent retries: a write whose reply was lost must not be applied twice.
-        # Each reply, and connecting, is bounded by the timeout; new connections
-        # apply the defaults (_connected) before their first command.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            redis_connect_func=self._connected,
-        )
+        self.client: Any
+        if url.startswith(CLUSTER_SCHEME):
+            from .redis_cluster import ClusterClient, redact
+
+            self.address = redact(url)
+            self.client = ClusterClient(url, timeout, self._apply_defaults)
+        else:
+            self.address = _redact(url)
+            # No silent retries: a write whose reply was lost must not be applied twice.
+            # Each reply, and connecting, is bounded by the timeout; new connections
+            # apply the defaults (_connected) before their first command.
+            self.client = redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+                redis_connect_func=self._connected,
+            )
         tag = "{" + namespace + "}:"
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"
@@ -197,7 +205,10 @@ class RedisBackend(Backend):
         self.close()
 
     def close(self) -> None:
-        self.client.connection_pool.disconnect()
+        if isinstance(self.client, self._redis.Redis):
+            self.client.connection_pool.disconnect()
+        else:  # a cluster: every node's connections
+            self.client.disconnect()
 
     def call(self, op: str, *args: Any) -> Any:
         entry = OPERATIONS.get(op)
@@ -231,6 +242,10 @@ class RedisBackend(Backend):
         so applying them on every new connection costs one round trip and no reset.
         """
         connection.on_connect()
+        self._apply_defaults(connection)
+
+    def _apply_defaults(self, connection: Any) -> None:
+        """Apply the defaults on a new connection (after its handshake)."""
         if not self._defaults:
             return
         items = self._defaults
@@ -243,6 +258,15 @@ class RedisBackend(Backend):
                 "apply_defaults",
                 None,
             )
+        except (
+            self._redis.exceptions.AskError,
+            self._redis.exceptions.TryAgainError,
+            self._redis.exceptions.ClusterDownError,
+        ):
+            # A cluster node that does not own the namespace's slot (MOVED), or not
+            # all of it yet (ASK, TRYAGAIN), or a cluster not ready: the slot owner's
+            # new connections apply them.
+            return
         except BaseException:
             connection.disconnect()
             raise
