@@ -238,6 +238,8 @@ def start_redis_cluster(folder: str, masters: int = 3) -> tuple[list[Any], list[
 
 #: the cluster's node ports, for tests that move slots
 cluster_ports: list[int] = []
+#: the cluster's redis-server processes, by port (for tests that stop one for a moment)
+cluster_procs: dict[int, Any] = {}
 
 
 @pytest.fixture(scope="session")
@@ -245,12 +247,14 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     """A real 3-master Redis Cluster on free loopback ports, for the whole session."""
     procs, ports = start_redis_cluster(str(tmp_path_factory.mktemp("redis-cluster")))
     cluster_ports[:] = ports
+    cluster_procs.update(zip(ports, procs, strict=True))
     _redis["cluster_url"] = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
     try:
         yield _redis["cluster_url"]
     finally:
         _redis["cluster_url"] = ""
         cluster_ports.clear()
+        cluster_procs.clear()
         for proc in procs:
             stop_process(proc)
 

@@ -8,6 +8,7 @@ migration window itself (ASK and TRYAGAIN), and the URL.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import redis as redis_client
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 
-from conftest import cluster_ports, free_port, make_app
+from conftest import cluster_ports, cluster_procs, free_port, make_app
 
 
 class Cluster:
@@ -98,7 +99,8 @@ def cluster(redis_cluster_url: str) -> Iterator[Cluster]:
 
 @pytest.fixture
 def app_on_cluster(redis_cluster_url: str, run_dir: str) -> Iterator[tuple[Any, SharedState]]:
-    app = make_app("redis-cluster", run_dir, name="moving", SHAREDSTATE_TIMEOUT=3.0)
+    # A long timeout: a write waits out a migration window for up to this long.
+    app = make_app("redis-cluster", run_dir, name="moving", SHAREDSTATE_TIMEOUT=10.0)
     shared = SharedState(app, defaults={"visits": 0})
     yield app, shared
     shared.state().backend.close()
@@ -192,7 +194,8 @@ def test_writes_wait_out_the_migration_window(
         while cluster.errors(target, "TRYAGAIN") < tryagains + 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert cluster.errors(target, "TRYAGAIN") >= tryagains + 2  # both refused, not run
-        assert results == {}  # and both wait
+        time.sleep(1.5)  # past redis-py's own few retries (16 within ~0.5 s)
+        assert results == {}  # and both still wait (SHAREDSTATE_TIMEOUT is 10 s)
         while cluster.move_keys(slot, source, target):
             pass
     finally:
@@ -269,3 +272,44 @@ def test_unreachable_cluster_boots_then_fails_fast(redis_cluster_url: str, run_d
         assert time.monotonic() - start < 30
     finally:
         shared.state().backend.close()
+
+
+def test_stopped_master_fails_each_operation_within_the_timeout(
+    cluster: Cluster, redis_cluster_url: str, run_dir: str
+) -> None:
+    """The master of the namespace's slot SIGSTOPped for a moment: reads, writes and a
+    first connection raise SharedStateUnavailable after about SHAREDSTATE_TIMEOUT, and
+    no write is sent twice."""
+    timeout = 1.0
+    app = make_app("redis-cluster", run_dir, name="paused", SHAREDSTATE_TIMEOUT=timeout)
+    shared = SharedState(app, defaults={"d": 1})
+    fresh = SharedState(
+        make_app("redis-cluster", run_dir, name="paused", SHAREDSTATE_TIMEOUT=timeout)
+    )
+    assert shared.incr("n") == 1  # connected
+    owner = cluster.owner(cluster.slot_of(app.config["SHAREDSTATE_NAMESPACE"]))
+    proc = cluster_procs[owner]
+    took: dict[str, float] = {}
+    # Stopped for a few seconds only: well under cluster-node-timeout (15 s), so
+    # the other masters never mark it failed and the session's cluster stays ok.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for name, operation in [
+            ("get", lambda: shared.get("n")),
+            ("incr", lambda: shared.incr("n")),
+            ("first connection", lambda: fresh.get("n")),
+        ]:
+            start = time.monotonic()
+            with pytest.raises(SharedStateUnavailable, match="did not answer"):
+                operation()
+            took[name] = time.monotonic() - start
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    try:
+        assert shared.get("n") in (1, 2)  # the incr ran at most once, when Redis woke
+        assert shared.incr("n") in (2, 3)
+    finally:
+        shared.state().backend.close()
+        fresh.state().backend.close()
+    assert all(took[name] >= 0.9 * timeout for name in took), took  # it did wait for Redis
+    assert all(took[name] < 4 * timeout for name in took), took
