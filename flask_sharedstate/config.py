@@ -230,7 +230,8 @@ def load_settings(app: Flask) -> Settings:
         raise _fail(
             "SHAREDSTATE_REDIS_URL",
             redis_url,
-            "a redis://, rediss://, unix:// or redis+cluster://host:port[,host:port...] URL",
+            "a redis://, rediss:// or unix:// URL, or redis+cluster://host:port[,host:port...]"
+            " for a Redis Cluster",
         )
     if backend == "redis" and redis_url is None:
         raise ConfigError(

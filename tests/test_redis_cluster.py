@@ -18,6 +18,7 @@ import pytest
 import redis as redis_client
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
+from flask_sharedstate.backends.redis_cluster import parse_url
 
 from conftest import cluster_ports, cluster_procs, free_port, make_app
 
@@ -255,6 +256,21 @@ def test_cluster_url_errors() -> None:
         with pytest.raises(ConfigError, match=expected) as info:
             SharedState(app)
         assert "s3cret" not in str(info.value)
+    app = Flask("good_url")  # a good one touches no network at init_app, shows no password
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL="redis+cluster://user:s3cret@127.0.0.1:1,[::1]:2",
+        SHAREDSTATE_KEY="test-key-for-signing-values",
+    )
+    shared = SharedState(app)
+    assert "redis+cluster://user:***@127.0.0.1:1,[::1]:2" in repr(shared)
+    assert "s3cret" not in repr(shared)
+    assert parse_url("redis+cluster://user:s%40cret@127.0.0.1:1,[::1]:2") == (
+        [("127.0.0.1", 1), ("::1", 2)],
+        "user",
+        "s@cret",
+    )
+    assert parse_url("redis+cluster://s3cret@h:1") == ([("h", 1)], None, "s3cret")
 
 
 def test_unreachable_cluster_boots_then_fails_fast(redis_cluster_url: str, run_dir: str) -> None:
