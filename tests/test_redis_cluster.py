@@ -242,10 +242,10 @@ def test_cluster_url_errors() -> None:
     from flask import Flask
 
     for url, expected in [
-        ("redis+cluster://", "is not host:port"),
-        ("redis+cluster://h1:7000,h2", "'h2' is not host:port"),
-        ("redis+cluster://h1:7000/1", "no database"),
-        ("redis+cluster://:s3cret@h1:99999", "is not host:port"),
+        ("redis+cluster://", "but '' is not host:port"),
+        ("redis+cluster://h1:7000,h2", "but 'h2' is not host:port"),
+        ("redis+cluster://h1:7000/1", "with no database, path or options"),
+        ("redis+cluster://:s3cret@h1:99999", "but 'h1:99999' is not host:port"),
     ]:
         app = Flask("bad_url")
         app.config.update(

@@ -43,8 +43,8 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
     rest = url[len(SCHEME) :]
     if any(c in rest for c in "/?#"):
         raise ValueError(
-            "a cluster URL has no database, path or options (a cluster has only"
-            " database 0): redis+cluster://host:port[,host:port...]"
+            "redis+cluster://host:port[,host:port...] with no database, path or"
+            " options after the hosts (a cluster has only database 0)"
         )
     username = password = None
     if "@" in rest:
@@ -61,8 +61,8 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
             host = host[1:-1]
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
-                f"{item.strip()!r} is not host:port: list the cluster's nodes as"
-                " redis+cluster://host:port[,host:port...] (any one reachable node is enough)"
+                "redis+cluster://host:port[,host:port...], some of the cluster's nodes"
+                f" (any one reachable node is enough), but {item.strip()!r} is not host:port"
             )
         nodes.append((host, int(port)))
     return nodes, username, password
