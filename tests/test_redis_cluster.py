@@ -8,6 +8,7 @@ migration window itself (ASK and TRYAGAIN), and the URL.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -410,3 +411,37 @@ def test_slot_moved_back_and_forth_under_load_loses_nothing(
     }
     assert all(after[kind] > before[kind] for kind in after), (before, after)
     assert min(acked.values()) > 0
+
+
+def test_namespaces_spread_over_the_masters(
+    cluster: Cluster, redis_cluster_url: str, run_dir: str
+) -> None:
+    """One namespace's keys all live on one master; apps with other namespaces can
+    live on other masters (how load is spread), and stay apart."""
+    owners: dict[int, str] = {}
+    for i in range(200):  # names hash evenly: two masters are found in a few tries
+        namespace = f"{os.path.basename(run_dir)}-part-{i}"
+        owners.setdefault(cluster.owner(cluster.slot_of(namespace)), namespace)
+        if len(owners) == 2:
+            break
+    assert len(owners) == 2
+    apps = []
+    try:
+        for port, namespace in owners.items():
+            app = make_app("redis-cluster", run_dir, name=f"spread{port}")
+            app.config["SHAREDSTATE_NAMESPACE"] = namespace
+            shared = SharedState(app)
+            apps.append(shared)
+            shared.set_many({f"k{j}": j for j in range(20)})
+            with shared.lock("l"), shared.atomic():
+                shared.dict["k0"] = namespace
+            keys = cluster.nodes[port].keys("{" + namespace + "}:*")
+            assert len(keys) == 20  # every value here; the lock and block are gone
+            for other in cluster.nodes:
+                if other != port:
+                    assert cluster.nodes[other].keys("{" + namespace + "}:*") == []
+        assert [shared.get("k0") for shared in apps] == list(owners.values())
+        assert [len(shared.dict) for shared in apps] == [20, 20]
+    finally:
+        for shared in apps:
+            shared.state().backend.close()
