@@ -14,8 +14,8 @@ from flask import Flask
 
 from flask_sharedstate import SharedState
 
-#: Every backend, and the manager over TCP: the conformance suite runs on each.
-BACKENDS = ["memory", "manager", "manager-tcp", "redis"]
+#: Every backend, the manager over TCP and Redis Cluster: the conformance suite runs on each.
+BACKENDS = ["memory", "manager", "manager-tcp", "redis", "redis-cluster"]
 
 
 def free_port() -> int:
@@ -96,9 +96,11 @@ def run_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config: Any) -> Flask:
     """An app on ``backend`` whose server files all live in ``run_dir``."""
     app = Flask(name)
-    if backend == "redis":
-        assert _redis["url"], "use the redis_url fixture (the backend fixture does)"
-        app.config["SHAREDSTATE_REDIS_URL"] = _redis["url"]
+    if backend in ("redis", "redis-cluster"):
+        url = _redis["url" if backend == "redis" else "cluster_url"]
+        assert url, f"use the {backend.replace('-', '_')}_url fixture (the backend fixture does)"
+        backend = "redis"
+        app.config["SHAREDSTATE_REDIS_URL"] = url
         # Each test's own namespace: tests never see each other's keys.
         app.config["SHAREDSTATE_NAMESPACE"] = f"{name}-{os.path.basename(run_dir or 'x')}"
         # Redis cannot see a holder go: its locks end with their lease. Keep it short.
@@ -115,10 +117,10 @@ def make_app(backend: str, run_dir: str | None, name: str = "test_app", **config
     return app
 
 
-_redis: dict[str, str] = {"url": ""}
+_redis: dict[str, str] = {"url": "", "cluster_url": ""}
 
 
-def start_redis(port: int, folder: str) -> Any:
+def start_redis(port: int, folder: str, *options: str) -> Any:
     """Start a real redis-server on ``port`` (loopback, no persistence); wait until it answers."""
     import subprocess
 
@@ -142,6 +144,7 @@ def start_redis(port: int, folder: str) -> Any:
             folder,
             "--logfile",
             os.path.join(folder, f"redis-{port}.log"),
+            *options,
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -181,6 +184,81 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_process(proc)
 
 
+def start_redis_cluster(folder: str, masters: int = 3) -> tuple[list[Any], list[int]]:
+    """Start ``masters`` cluster-enabled redis-servers on loopback, join them with
+    ``redis-cli --cluster create`` (no replicas), and wait until every node says
+    ``cluster_state:ok`` and knows every other. Stops what it started if that fails."""
+    import subprocess
+
+    import redis
+
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise RuntimeError("the cluster tests need redis-cli: apt-get install redis-tools")
+    procs: list[Any] = []
+    ports: list[int] = []
+    try:
+        for _ in range(masters):
+            port = free_port()
+            options = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+            # The cluster bus: a free port of its own (port + 10000 may be taken, or > 65535).
+            options += ["--cluster-port", str(free_port())]
+            procs.append(start_redis(port, folder, *options))
+            ports.append(port)
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports]]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        clients = [redis.Redis(port=p) for p in ports]
+        try:
+
+            def ready() -> bool:
+                for client in clients:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" not in info:
+                        return False
+                    nodes = client.execute_command("CLUSTER", "NODES")
+                    if len(nodes.decode().splitlines()) != masters:
+                        return False
+                return True
+
+            wait_for(ready, timeout=60, interval=0.1)
+        finally:
+            for client in clients:
+                client.close()
+    except BaseException:
+        for proc in procs:
+            stop_process(proc)
+        raise
+    return procs, ports
+
+
+#: the cluster's node ports, for tests that move slots
+cluster_ports: list[int] = []
+#: the cluster's redis-server processes, by port (for tests that stop one for a moment)
+cluster_procs: dict[int, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-master Redis Cluster on free loopback ports, for the whole session."""
+    procs, ports = start_redis_cluster(str(tmp_path_factory.mktemp("redis-cluster")))
+    cluster_ports[:] = ports
+    cluster_procs.update(zip(ports, procs, strict=True))
+    _redis["cluster_url"] = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    try:
+        yield _redis["cluster_url"]
+    finally:
+        _redis["cluster_url"] = ""
+        cluster_ports.clear()
+        cluster_procs.clear()
+        for proc in procs:
+            stop_process(proc)
+
+
 @pytest.fixture
 def servers() -> Iterator[list[Any]]:
     """WSGI servers a test starts (tests/servers.py); stopped by pid whatever happens."""
@@ -202,6 +280,8 @@ def _pings(client: Any) -> bool:
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         request.getfixturevalue("redis_url")
+    if request.param == "redis-cluster":
+        request.getfixturevalue("redis_cluster_url")
     return request.param  # type: ignore[no-any-return]
 
 

@@ -25,13 +25,13 @@ def socket_path(run_dir: str) -> str:
     return os.path.join(run_dir, "app.sock")
 
 
-@pytest.fixture(params=["manager", "redis"])
+@pytest.fixture(params=["manager", "redis", "redis-cluster"])
 def any_backend(
     request: pytest.FixtureRequest, run_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> str:
-    """Run the test's processes on the state server, then on Redis."""
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+    """Run the test's processes on the state server, then on Redis, then on Redis Cluster."""
+    if request.param in ("redis", "redis-cluster"):
+        url = request.getfixturevalue(request.param.replace("-", "_") + "_url")
         config = {
             "SHAREDSTATE_BACKEND": "redis",
             "SHAREDSTATE_REDIS_URL": url,
@@ -205,7 +205,7 @@ def test_server_sigkilled_clients_recover(
 #: state server (the connection closes), after the lease (2 s here) on Redis. The
 #: slack (3 s) is for a loaded machine; it stays below the clients' 5 s timeout,
 #: so a lock that waited for a timeout instead of the disconnect would fail.
-RELEASED_WITHIN = {"manager": 3.0, "redis": 2.0 + 3.0}
+RELEASED_WITHIN = {"manager": 3.0, "redis": 2.0 + 3.0, "redis-cluster": 2.0 + 3.0}
 
 
 def test_lock_of_sigkilled_holder_is_released(

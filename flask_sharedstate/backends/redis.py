@@ -48,6 +48,7 @@ from ..errors import ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
 from .redis_client import connect, redact, refused, unavailable
+from .redis_cluster import SCHEME as CLUSTER_SCHEME
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -173,10 +174,16 @@ class RedisBackend(Backend):
         self._lease = lease
         self._lease_ms = _ms(lease)
         self._sign_key = hmac.digest(key, b"flask-sharedstate redis values", "sha256")
-        # No silent retries: a write whose reply was lost must not be applied twice.
-        # Each reply, and connecting, is bounded by the timeout; new connections
-        # apply the defaults (_connected) before their first command.
-        self.client = connect(url, options or {}, timeout, self._connected)
+        self.client: Any
+        if url.startswith(CLUSTER_SCHEME):
+            from .redis_cluster import ClusterClient
+
+            self.client = ClusterClient(url, timeout, self._apply_defaults)
+        else:
+            # No silent retries: a write whose reply was lost must not be applied twice.
+            # Each reply, and connecting, is bounded by the timeout; new connections
+            # apply the defaults (_connected) before their first command.
+            self.client = connect(url, options or {}, timeout, self._connected)
         tag = "{" + namespace + "}:"
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"
@@ -195,7 +202,10 @@ class RedisBackend(Backend):
         self.close()
 
     def close(self) -> None:
-        self.client.connection_pool.disconnect()
+        if isinstance(self.client, self._redis.Redis):
+            self.client.connection_pool.disconnect()
+        else:  # a cluster: every node's connections
+            self.client.disconnect()
 
     def call(self, op: str, *args: Any) -> Any:
         entry = OPERATIONS.get(op)
@@ -231,6 +241,10 @@ class RedisBackend(Backend):
         so applying them on every new connection costs one round trip and no reset.
         """
         connection.on_connect()
+        self._apply_defaults(connection)
+
+    def _apply_defaults(self, connection: Any) -> None:
+        """Apply the defaults on a new connection (after its handshake)."""
         if not self._defaults:
             return
         items = self._defaults
@@ -243,6 +257,15 @@ class RedisBackend(Backend):
                 "apply_defaults",
                 None,
             )
+        except (
+            self._redis.exceptions.AskError,
+            self._redis.exceptions.TryAgainError,
+            self._redis.exceptions.ClusterDownError,
+        ):
+            # A cluster node that does not own the namespace's slot (MOVED), or not
+            # all of it yet (ASK, TRYAGAIN), or a cluster not ready: the slot owner's
+            # new connections apply them.
+            return
         except BaseException:
             connection.disconnect()
             raise

@@ -32,6 +32,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import AuthenticationError, ConfigError, SharedStateUnavailable
+from .redis_cluster import SCHEME as CLUSTER_SCHEME
+from .redis_cluster import parse_url as parse_cluster_url
+from .redis_cluster import redact as redact_cluster_url
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -74,10 +77,13 @@ def check(url: str, options: Any) -> dict[str, Any]:
     :returns: the options, as a new dict.
     :raises ConfigError: naming the key and what to do.
     """
+    if url.startswith(CLUSTER_SCHEME):
+        return _check_cluster(url, options)
     if not url.startswith((*SCHEMES, SENTINEL_SCHEME)):
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected a redis://,"
-            f" rediss:// or unix:// URL, or {SENTINEL_SCHEME}host:port,host:port/service."
+            f" rediss:// or unix:// URL, {SENTINEL_SCHEME}host:port,host:port/service, or"
+            f" {CLUSTER_SCHEME}host:port[,host:port...] for a Redis Cluster."
         )
     if options is None:
         options = {}
@@ -126,6 +132,22 @@ def check(url: str, options: Any) -> dict[str, Any]:
     if url.startswith(SENTINEL_SCHEME):
         _sentinel_parts(url)  # raises ConfigError
     return dict(options)
+
+
+def _check_cluster(url: str, options: Any) -> dict[str, Any]:
+    """A ``redis+cluster://`` URL: its nodes parse; no options (not supported there yet)."""
+    try:
+        parse_cluster_url(url)
+    except ValueError as exc:
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact_cluster_url(url)!r} is not valid: expected {exc}."
+        ) from None
+    if options:
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_OPTIONS is not supported with {CLUSTER_SCHEME} URLs yet (no"
+            " TLS to a cluster): remove it, and put the user and password in the URL."
+        )
+    return {}
 
 
 def _arguments(url: str) -> set[str] | None:

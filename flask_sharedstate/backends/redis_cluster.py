@@ -1,0 +1,191 @@
+"""Redis Cluster for the ``redis`` backend: the ``redis+cluster://`` URL and its client.
+
+Every key of a namespace carries the hash tag ``{namespace}`` (see ``redis.py``),
+so the whole namespace lives in one hash slot, on one master: each Lua script's
+keys are on the node that runs it, and an atomic block is as atomic as on a
+single Redis. redis-py's :class:`~redis.cluster.RedisCluster` finds that master
+and follows ``MOVED`` (the slot was moved to another master) and ``ASK`` (it is
+being moved) by itself; this module adds, with the plain client's rules:
+
+* no silent retries of a command that may have run (a lost reply is an error);
+  each reply, and connecting, bounded by ``SHAREDSTATE_TIMEOUT``;
+* a command the cluster refused before running it (``TRYAGAIN`` while the
+  slot's keys are half moved, ``CLUSTERDOWN``) is sent again until the timeout,
+  as a write to a claimed key waits;
+* the cluster is first reached at first use, not at ``init_app``, so an app
+  boots while its cluster is down and answers 503 until it is back;
+* new connections apply the defaults on the master that owns the namespace's
+  slot (the others answer ``MOVED`` and are left alone).
+
+``URL``: ``redis+cluster://[[user]:password@]host:port[,host:port...]``, the
+style of the ``limits`` library: any reachable node is enough to discover the
+others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+SCHEME = "redis+cluster://"
+
+
+def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """The startup nodes, user name and password of a ``redis+cluster://`` URL.
+
+    :raises ValueError: what is wrong with it, in words that say what to write.
+    """
+    if not url.startswith(SCHEME):
+        raise ValueError(f"a cluster URL starts with {SCHEME}")
+    rest = url[len(SCHEME) :]
+    if any(c in rest for c in "/?#"):
+        raise ValueError(
+            "redis+cluster://host:port[,host:port...] with no database, path or"
+            " options after the hosts (a cluster has only database 0)"
+        )
+    username = password = None
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if not colon:  # redis://secret@host means a password, as redis-py reads it
+            username, password = None, unquote(user) or None
+    nodes = []
+    for item in rest.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                "redis+cluster://host:port[,host:port...], some of the cluster's nodes"
+                f" (any one reachable node is enough), but {item.strip()!r} is not host:port"
+            )
+        nodes.append((host, int(port)))
+    return nodes, username, password
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    userinfo, hosts = url[len(SCHEME) :].rsplit("@", 1)
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
+    return f"{SCHEME}{user}:***@{hosts}"
+
+
+class ClusterClient:
+    """A :class:`~redis.cluster.RedisCluster`, built at its first use.
+
+    redis-py's cluster client asks a node for the slot map as it is built, and
+    fails if none answers: built here on first use instead, so that an
+    unreachable cluster is a :exc:`~redis.exceptions.ConnectionError` of one
+    operation (``SharedStateUnavailable``), tried again by the next, as with the
+    plain client.
+
+    :param connected: called with each new connection, after its handshake.
+    """
+
+    def __init__(self, url: str, timeout: float, connected: Callable[[Any], None]) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._connected = connected
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def _get(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = _build(self._url, self._timeout, self._connected)
+                client = self._client
+        return client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    # What the backend needs before it reaches the cluster:
+
+    def register_script(self, script: str) -> Any:
+        from redis.commands.core import Script
+
+        # As bytes: a str would make Script ask the (unbuilt) client for its encoder.
+        return Script(self, script.encode())  # type: ignore[arg-type]  # it forwards to one
+
+    def disconnect(self) -> None:
+        """Close every connection to every node (the slot map is kept)."""
+        if self._client is not None:
+            self._client.disconnect_connection_pools()
+
+
+def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.exceptions import (
+        ClusterDownError,
+        ClusterError,
+        RedisClusterException,
+        SlotNotCoveredError,
+        TryAgainError,
+    )
+    from redis.retry import Retry
+
+    class SlotUnavailable(redis.TimeoutError):
+        """The cluster kept refusing a command (not run) until the timeout."""
+
+    class ClusterUnreachable(redis.TimeoutError):
+        """No node of the cluster answered (a command may or may not have run)."""
+
+    refused = (TryAgainError, ClusterDownError, SlotNotCoveredError)
+
+    class Cluster(RedisCluster):
+        def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + timeout
+            pause = 0.01
+            while True:
+                try:
+                    return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+                except (ClusterError, RedisClusterException, TryAgainError) as exc:
+                    # Refused before it ran: TRYAGAIN (the slot's keys are half
+                    # migrated), CLUSTERDOWN, no node for the slot, or redis-py's
+                    # "TTL exhausted" after redirections only. Safe to send again.
+                    not_run = isinstance(exc, refused) or str(exc) == "TTL exhausted."
+                    if not not_run:
+                        if isinstance(exc, RedisClusterException) and exc.__context__ is not None:
+                            # Refreshing the slot map after a lost node failed.
+                            raise ClusterUnreachable(str(exc)) from None
+                        raise
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise SlotUnavailable(
+                            f"the cluster refused {args[0]} for {timeout:g}s"
+                            f" ({type(exc).__name__}: {exc}): the namespace's slot is"
+                            " being migrated or the cluster is down; it was not applied"
+                        ) from None
+                    time.sleep(min(pause, deadline - now))
+                    pause = min(pause * 2, 0.1)
+
+    nodes, username, password = parse_url(url)
+    options: dict[str, Any] = {}
+    if int(redis.__version__.split(".")[0]) < 6:  # later ones read retry= only
+        options["cluster_error_retry_attempts"] = 0
+    try:
+        return Cluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # No silent retries: a write whose reply was lost must not run twice.
+            retry=Retry(NoBackoff(), 0),
+            # Called after redis-py's own handshake on every new connection.
+            redis_connect_func=connected,
+            **options,
+        )
+    except RedisClusterException as exc:
+        raise ClusterUnreachable(f"{exc}") from None
