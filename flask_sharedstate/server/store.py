@@ -404,7 +404,7 @@ class Session:
         larger than ``limit`` bytes (no value: the worker will not cache it).
         ``deadline`` is the key's expiry on the shared monotonic clock, or None.
         ``report`` is the worker's ``(pid, hits, misses)``, for ``status``.
-        Instance 0: there is no table; nothing may be cached.
+        Instance 0: there is no table (slots and versions 0); nothing may be cached.
         """
         store = self.store
         with store.cond:
@@ -412,13 +412,11 @@ class Session:
                 pid, hits, misses = report
                 store.cache_reports[int(pid)] = (int(hits), int(misses), time.time())
             versions = store.versions
-            if versions is None:
-                return 0, []
             space = self.space
             entries: list[tuple[Any, ...]] = []
             for key in keys:
                 alive = self._alive(_check_key(key))  # an expired key's removal bumps
-                slot, version = versions.version(space.name, key)
+                slot, version = (0, 0) if versions is None else versions.version(space.name, key)
                 if not alive:
                     entries.append((0, None, slot, version, None))
                     continue
@@ -428,7 +426,7 @@ class Session:
                     entries.append((2, None, slot, version, deadline))
                 else:
                     entries.append((1, value, slot, version, deadline))
-            return versions.instance, entries
+            return (0 if versions is None else versions.instance), entries
 
     # -- the operations ------------------------------------------------------
 
