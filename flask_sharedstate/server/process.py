@@ -41,7 +41,7 @@ from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
 from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import LockTimeout, Session, Store
-from .versions import VersionTable, table_path
+from .versions import HEARTBEAT_INTERVAL, VersionTable, table_path
 
 log = logging.getLogger("flask_sharedstate.server")
 
@@ -204,9 +204,8 @@ class StateServer:
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
-        versions = self.store.versions
-        if versions is not None:
-            threading.Thread(target=versions.beat_forever, name="heartbeat", daemon=True).start()
+        if self.store.versions is not None:
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         if self.store.journal is not None:
             threading.Thread(target=self._persist, args=(self.store.journal,), daemon=True).start()
         sel = selectors.DefaultSelector()
@@ -223,9 +222,9 @@ class StateServer:
                     self._check_socket_file(sel)
         finally:
             sel.close()
-            if versions is not None:
-                with self.store.cond:  # after any reply: values cached from now on are dead
-                    versions.retire()
+            with self.store.cond:  # after any reply: values cached from now on are dead
+                if self.store.versions is not None:
+                    self.store.versions.retire()
             self._close_listener()
             journal = self.store.journal
             if journal is not None:
@@ -389,6 +388,33 @@ class StateServer:
                     os.unlink(path)
             except OSError:
                 pass
+
+    def _heartbeat(self) -> None:
+        """Beat in the version table; follow its file if it is deleted or replaced.
+
+        Workers that mapped a deleted table would keep trusting it (the heartbeat
+        goes on) while new workers map a new one: so the old one is retired (its
+        instance id zeroed: its readers go to the server, and map the new file).
+        """
+        beats = 0
+        while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            table = self.store.versions
+            if table is None:
+                return
+            table.beat()
+            beats += 1
+            if beats % 10 or not table.moved():
+                continue
+            new = VersionTable.open(table.path)
+            with self.store.cond:
+                table.retire()
+                self.store.versions = new
+            table.close()
+            log.warning(
+                "the version table %s was deleted or replaced: %s",
+                table.path,
+                "using a new one" if new is not None else "the workers' read caches are off",
+            )
 
     def _housekeeping(self) -> None:
         """Drop expired keys, and stop when the owner process is gone."""

@@ -36,7 +36,6 @@ import logging
 import mmap
 import os
 import stat
-import threading
 import time
 import zlib
 
@@ -90,7 +89,6 @@ class VersionTable:
         self.slots = SLOTS
         #: this server's instance id (changed by clear(), under the store's lock)
         self.instance = 0
-        self._stop = threading.Event()
 
     @classmethod
     def open(cls, path: str) -> VersionTable | None:
@@ -154,15 +152,27 @@ class VersionTable:
         self.words[INSTANCE_WORD] = self.instance
 
     def retire(self) -> None:
-        """The server stops: nobody may trust the table until a new server takes it over."""
+        """The server stops (or leaves this file): nobody may trust it until a server takes
+        it over."""
         if self.words[INSTANCE_WORD] == self.instance:  # not a successor's
             self.words[INSTANCE_WORD] = 0
-        self._stop.set()
 
-    # -- the heartbeat ----------------------------------------------------------------
+    # -- the heartbeat, and the file's watch -------------------------------------------
 
-    def beat_forever(self) -> None:
-        """Write the heartbeat every HEARTBEAT_INTERVAL until retired (a thread of its own)."""
-        floats = self.floats
-        while not self._stop.wait(HEARTBEAT_INTERVAL):
-            floats[HEARTBEAT_WORD] = time.monotonic()
+    def beat(self) -> None:
+        self.floats[HEARTBEAT_WORD] = time.monotonic()
+
+    def close(self) -> None:
+        """Let go of the file (its mapping stays until nothing refers to it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def moved(self) -> bool:
+        """Whether the path no longer names this file (deleted, or replaced)."""
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell: look again later
