@@ -452,6 +452,7 @@ def test_status_shows_the_hit_rate(
     here.set("k", 1)
     for _ in range(9):
         here.get("k")
+    time.sleep(1.1)  # misses report at most once a second
     here.get("other")  # a miss: reports the counts (8 hits, 2 misses)
     app = Flask("worker_app")
     app.config["SHAREDSTATE_SOCKET"] = socket_path

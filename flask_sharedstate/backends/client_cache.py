@@ -55,8 +55,9 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None))
 #: What an entry costs beyond its key and value: the tuple, the list slot, the dict's.
 ENTRY_OVERHEAD = 200
 
-#: A process reports its counts (for ``flask sharedstate status``) at least every this many
-#: hits, besides every miss: one round trip per so many reads.
+#: A process reports its counts (for ``flask sharedstate status``) with a miss at most once
+#: every REPORT_INTERVAL seconds, and by a call of its own every REPORT_EVERY hits.
+REPORT_INTERVAL = 1.0
 REPORT_EVERY = 1 << 14
 
 #: A table found missing or not matching the server is looked for again at most this often.
@@ -118,6 +119,7 @@ class ReadCache:
         self.hits = 0
         self.misses = 0
         self._next_report = REPORT_EVERY
+        self._report_due = 0.0
         self._lock = threading.Lock()  # for filling and evicting; hits take no lock
         self._table: _Table | None = None
         self._words: Any = None
@@ -212,55 +214,66 @@ class ReadCache:
         if self._pid != os.getpid():  # a forked child: its own counts, its own lock
             self._forked()
         limit = self.max_value if for_contains else versions.MAX_LIMIT
-        report = (self._pid, self.hits, self.misses)
-        check_request("get()" if len(keys) == 1 else "get_many()", (keys,))
+        report = None
+        now = monotonic()
+        if now >= self._report_due:  # at most once a second: it costs the server a little
+            self._report_due = now + REPORT_INTERVAL
+            report = (self._pid, self.hits, self.misses)
+        if len(keys) > 1 or len(keys[0]) > 4096:  # a short key cannot be over the limit
+            check_request("get_many()", (keys,))
         instance, entries = self._backend.call("read_versioned", keys, limit, report)
         values = []
-        fill: list[tuple[Any, ...]] = []  # (key, value, pickle, slot, version, deadline, size)
+        keep = []  # (key, entry) for the cache
+        entry: tuple[Any, ...]
         for key, (kind, value, slot, version, deadline) in zip(keys, entries, strict=True):
-            if kind == 0:
-                values.append(ABSENT)
-                fill.append((key, ABSENT, None, slot, version, deadline, 0))
-            elif kind == 1:
+            if kind == 1:
                 if type(value) is bytes:
                     obj = loads(value)
-                    if type(obj) in _IMMUTABLE:  # kept as itself (and counted twice)
-                        fill.append((key, obj, None, slot, version, deadline, 2 * len(value)))
+                    if type(obj) in _IMMUTABLE:  # kept as itself (counted twice)
+                        size = 2 * len(value)
+                        entry = (obj, None, slot, version, instance, deadline, size)
                     else:
-                        fill.append((key, _PICKLED, value, slot, version, deadline, len(value)))
+                        size = len(value)
+                        entry = (_PICKLED, value, slot, version, instance, deadline, size)
                 else:
-                    obj = value
-                    fill.append((key, obj, None, slot, version, deadline, 8))
+                    obj, size = value, 8
+                    entry = (obj, None, slot, version, instance, deadline, size)
                 values.append(obj)
+            elif kind == 0:
+                values.append(ABSENT)
+                size = 0
+                entry = (ABSENT, None, slot, version, instance, deadline, size)
             else:  # present, too large to be kept: the caller only asked whether it is there
                 values.append(True)
-        if instance and self.capacity:
-            self._fill(instance, fill)
+                continue
+            keep.append((key, entry))
+        if instance and keep:
+            self._fill(instance, keep)
         return values
 
-    def _fill(self, instance: int, fill: list[tuple[Any, ...]]) -> None:
+    def _fill(self, instance: int, keep: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
-            if self._words is None or self._words[_INSTANCE] != instance:
+            words = self._words
+            if words is None or words[_INSTANCE] != instance:
                 self._reopen()
-                if self._words is None or self._words[_INSTANCE] != instance:
+                words = self._words
+                if words is None or words[_INSTANCE] != instance:
                     return  # no table of that server's here: nothing may be kept
-            slots = versions.HEADER_WORDS + self._table.slots  # type: ignore[union-attr]
-            entries = self._entries
-            for key, value, blob, slot, version, deadline, value_size in fill:
-                self._forget(key)
-                if value_size > self.max_value or not versions.HEADER_WORDS <= slot < slots:
+            end = versions.HEADER_WORDS + self._table.slots  # type: ignore[union-attr]
+            entries, max_value = self._entries, self.max_value
+            for key, entry in keep:
+                old = entries.pop(key, None)
+                if old is not None:
+                    self.size -= old[6]
+                size = entry[6]
+                if size > max_value or not versions.HEADER_WORDS <= entry[2] < end:
                     continue  # never kept (and a slot outside the table is not believed)
-                size = value_size + len(key) + ENTRY_OVERHEAD
-                entries[key] = (value, blob, slot, version, instance, deadline, size)
+                size += len(key) + ENTRY_OVERHEAD
+                entries[key] = entry[:6] + (size,)
                 self.size += size
             while self.size > self.capacity and entries:
                 _, old = entries.popitem(last=False)
                 self.size -= old[6]
-
-    def _forget(self, key: str) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.size -= old[6]
 
     def _reopen(self) -> None:
         """Map the table (again): at most once every REOPEN_INTERVAL."""
@@ -279,6 +292,7 @@ class ReadCache:
     def _report(self) -> None:
         """Tell the server this process's counts (for ``status``); never fails a read."""
         self._next_report = self.hits + REPORT_EVERY
+        self._report_due = monotonic() + REPORT_INTERVAL
         try:
             self._backend.call("read_versioned", [], 0, (os.getpid(), self.hits, self.misses))
         except (SharedStateError, OSError):
@@ -290,6 +304,7 @@ class ReadCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
         self._next_report = REPORT_EVERY
+        self._report_due = 0.0
 
     def clear(self) -> None:
         """Drop every entry (the counts stay)."""

@@ -67,10 +67,15 @@ def table_size(slots: int = SLOTS) -> int:
 
 def slot_of(namespace: str, key: str, slots: int = SLOTS) -> int:
     """The word index of ``key``'s counter: the same in every process."""
-    return HEADER_WORDS + (
-        zlib.crc32(key.encode("utf-8", "surrogatepass"), zlib.crc32(namespace.encode()))
-        & (slots - 1)
-    )
+    return _slot(namespace_seed(namespace), key, slots)
+
+
+def namespace_seed(namespace: str) -> int:
+    return zlib.crc32(namespace.encode("utf-8", "surrogatepass"))
+
+
+def _slot(seed: int, key: str, slots: int) -> int:
+    return HEADER_WORDS + (zlib.crc32(key.encode("utf-8", "surrogatepass"), seed) & (slots - 1))
 
 
 def new_instance() -> int:
@@ -89,6 +94,7 @@ class VersionTable:
         self.slots = SLOTS
         #: this server's instance id (changed by clear(), under the store's lock)
         self.instance = 0
+        self._seeds: dict[str, int] = {}
 
     @classmethod
     def open(cls, path: str) -> VersionTable | None:
@@ -136,14 +142,20 @@ class VersionTable:
 
     # -- called with the store's lock held --------------------------------------------
 
+    def _seed(self, namespace: str) -> int:
+        seed = self._seeds.get(namespace)
+        if seed is None:
+            seed = self._seeds[namespace] = namespace_seed(namespace)
+        return seed
+
     def bump(self, namespace: str, key: str) -> None:
         words = self.words
-        slot = slot_of(namespace, key, self.slots)
+        slot = _slot(self._seed(namespace), key, self.slots)
         words[slot] = (words[slot] + 1) & 0xFFFFFFFFFFFFFFFF
 
     def version(self, namespace: str, key: str) -> tuple[int, int]:
         """``(slot, version)`` of ``key`` now."""
-        slot = slot_of(namespace, key, self.slots)
+        slot = _slot(self._seed(namespace), key, self.slots)
         return slot, self.words[slot]
 
     def renew(self) -> None:
