@@ -16,7 +16,9 @@ from workers import make_shared
 #: Keys without a ttl, and the one written with a short ttl.
 KEYS = ["k0", "k1", "k2"]
 TTL_KEY = "t"
-TTL = 0.05
+TTL = 0.02
+#: How often a write goes to the ttl key: rarely enough that it expires between writes.
+TTL_SHARE = 0.05
 
 
 def writer(socket_path: str, wid: int, barrier: Any, seconds: float, out: str) -> None:
@@ -34,7 +36,7 @@ def writer(socket_path: str, wid: int, barrier: Any, seconds: float, out: str) -
     n = 0
     while time.monotonic() < until and n < 100_000:
         n += 1
-        key = rng.choice([*KEYS, TTL_KEY])
+        key = TTL_KEY if rng.random() < TTL_SHARE else rng.choice(KEYS)
         value = [wid, n]
         ttl = TTL if key == TTL_KEY else None
         shared.get(key)  # cached now, as most keys of a busy worker are
