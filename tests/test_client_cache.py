@@ -128,6 +128,23 @@ def test_clear_invalidates_every_cached_value(socket_path: str, clients: list[Sh
     assert here.get("a") is None and "b" not in here.dict
 
 
+def test_get_many_sees_a_change_to_any_of_its_keys(
+    socket_path: str, clients: list[SharedState]
+) -> None:
+    """get_many of cached keys answers from the cache only if none changed or expired."""
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    other.set_many({"a": [1], "b": [2]})
+    other.set("c", [3], ttl=0.3)
+    assert here.get_many(["a", "b", "c"]) == {"a": [1], "b": [2], "c": [3]}
+    hits = cache_of(here).hits
+    assert here.get_many(["a", "b"]) == {"a": [1], "b": [2]}
+    assert cache_of(here).hits == hits + 2
+    other.set("b", [20])
+    assert here.get_many(["a", "b"]) == {"a": [1], "b": [20]}
+    wait_for(lambda: here.get_many(["a", "c"]) == {"a": [1], "c": None}, timeout=10)
+
+
 def test_expired_key_is_absent_from_cached_reads(
     socket_path: str, clients: list[SharedState]
 ) -> None:

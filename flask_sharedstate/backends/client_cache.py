@@ -179,10 +179,17 @@ class ReadCache:
                 return self._fetch(keys)
             found.append(entry)
         # Each was valid when checked; versions only grow, so one more look that finds
-        # them all unchanged means they were all current together, between the looks.
+        # them all unchanged means they were all current together at ``now``, between
+        # the looks (where none may have expired either).
         words = self._words
+        now = monotonic()
         for entry in found:
-            if words[entry[2]] != entry[3] or words[_INSTANCE] != entry[4]:
+            deadline = entry[5]
+            if (
+                words[entry[2]] != entry[3]
+                or words[_INSTANCE] != entry[4]
+                or (deadline is not None and deadline <= now)
+            ):
                 return self._fetch(keys)
         return [e[0] if e[1] is None else loads(e[1]) for e in found]
 
