@@ -100,6 +100,31 @@ def _same_shape(a: Any, b: Any) -> bool:
     return True
 
 
+def _echo_read_cache(report: dict[str, Any] | None, size: int) -> None:
+    """The workers' read caches: hit rate in total and per worker, as they last reported."""
+    if report is None:
+        click.echo("read cache:  off (no version table: TCP, or see the server's log)")
+        return
+    if not size:
+        click.echo("read cache:  off in this app (SHAREDSTATE_CLIENT_CACHE = 0)")
+    workers = report.get("workers") or {}
+    hits = sum(w["hits"] for w in workers.values())
+    misses = sum(w["misses"] for w in workers.values())
+    if not workers:
+        click.echo("read cache:  no worker has reported yet")
+        return
+    click.echo(
+        f"read cache:  {_rate(hits, misses)} hits ({hits} hits, {misses} misses,"
+        f" {len(workers)} processes)"
+    )
+    for pid, counts in sorted(workers.items()):
+        click.echo(f"  pid {pid}: {_rate(counts['hits'], counts['misses'])} hits")
+
+
+def _rate(hits: int, misses: int) -> str:
+    return f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "-"
+
+
 @sharedstate.command()
 def status() -> None:
     """Show the server's address, pid, uptime, keys, memory, clients and persistence."""
@@ -125,6 +150,7 @@ def status() -> None:
     memory = info.get("memory")
     click.echo(f"memory:      {memory / 2**20:.1f} MiB" if memory else "memory:      unknown")
     click.echo(f"clients:     {info['clients']}")
+    _echo_read_cache(info.get("read_cache"), state.settings.client_cache)
     persistence = info.get("persistence")
     if persistence is None:
         click.echo("persistence: off (memory only)")

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "SHAREDSTATE_LEASE": 30.0,
     "SHAREDSTATE_MAX_CONNECTIONS": DEFAULT_MAX_CONNECTIONS,
     "SHAREDSTATE_MAX_CONNECTIONS_PER_PEER": DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    "SHAREDSTATE_CLIENT_CACHE": 16 * 2**20,
+    "SHAREDSTATE_CLIENT_CACHE_MAX_VALUE": 2**20,
 }
 
 BACKENDS = ("manager", "memory", "redis")
@@ -84,6 +86,11 @@ class Settings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     #: manager: connections one process (unix socket) or address (TCP) may hold
     max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    #: manager on a unix socket: bytes of values each process keeps in its read cache
+    #: (0: no read cache)
+    client_cache: int = 16 * 2**20
+    #: manager: the largest value (pickled bytes) the read cache keeps
+    client_cache_max_value: int = 2**20
 
     @property
     def key_file(self) -> str:
@@ -194,6 +201,16 @@ def _count(config: Any, key: str) -> int:
     return value
 
 
+def _size(config: Any, key: str) -> int:
+    """A number of bytes, 0 or more (``8_000_000``, ``"8000000"``)."""
+    value = config[key]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "a whole number of bytes, 0 or more")
+    return value
+
+
 def _app_slug(app: Flask) -> str:
     """A per-app name: readable, and unique per app location on this machine."""
     identity = f"{app.import_name}\0{app.root_path}".encode()
@@ -252,6 +269,9 @@ def load_settings(app: Flask) -> Settings:
             f" SHAREDSTATE_MAX_CONNECTIONS = {max_connections}: lower the first or"
             " raise the second."
         )
+
+    client_cache = _size(config, "SHAREDSTATE_CLIENT_CACHE")
+    client_cache_max_value = _size(config, "SHAREDSTATE_CLIENT_CACHE_MAX_VALUE")
 
     persist_path = _text(config, "SHAREDSTATE_PERSIST_PATH")
     if persist_path is not None:
@@ -371,4 +391,6 @@ def load_settings(app: Flask) -> Settings:
         fsync=fsync,
         max_connections=max_connections,
         max_connections_per_peer=max_per_peer,
+        client_cache=client_cache,
+        client_cache_max_value=client_cache_max_value,
     )

@@ -19,11 +19,25 @@ from flask import Flask, current_app, has_app_context
 
 from .atomic import Transaction
 from .backends.base import Backend, check_key, check_request, pack
+from .backends.client_cache import ABSENT
 from .config import Settings, load_settings
 from .errors import LockTimeout, SharedStateError
 from .operations import MISSING, Direct, Operations, check_timeout
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+try:
+    # The app context's own variable: a cached read costs about a microsecond, and
+    # has_app_context() plus current_app would be a third of it. Private to Flask
+    # (2.2 and later), so only a shortcut: without it, the public way.
+    from flask.globals import _cv_app
+
+    _app_context: Callable[[], Any] = functools.partial(_cv_app.get, None)
+except ImportError:  # pragma: no cover - a Flask without it
+
+    def _app_context() -> Any:
+        return None
+
 
 _leaders_lock = threading.Lock()
 
@@ -69,6 +83,8 @@ class AppState:
         )
         #: shared.leader(name): this process's Leadership of each name
         self.leaders: dict[str, Any] = {}
+        #: the backend's read cache (manager on a unix socket), or None
+        self.cache = backend.read_cache
 
     def operations(self) -> Operations:
         return self.transaction.get() or self.direct
@@ -84,7 +100,9 @@ class SharedState:
     ``SHAREDSTATE_HOST``, ``SHAREDSTATE_PORT``, ``SHAREDSTATE_SOCKET``,
     ``SHAREDSTATE_KEY``, ``SHAREDSTATE_PERSIST_PATH``, ``SHAREDSTATE_FSYNC``,
     ``SHAREDSTATE_REDIS_URL``, ``SHAREDSTATE_REDIS_OPTIONS``, ``SHAREDSTATE_NAMESPACE``,
-    ``SHAREDSTATE_TIMEOUT``, ``SHAREDSTATE_LEASE``.
+    ``SHAREDSTATE_TIMEOUT``, ``SHAREDSTATE_LEASE``, ``SHAREDSTATE_MAX_CONNECTIONS``,
+    ``SHAREDSTATE_MAX_CONNECTIONS_PER_PEER``, ``SHAREDSTATE_CLIENT_CACHE``,
+    ``SHAREDSTATE_CLIENT_CACHE_MAX_VALUE``.
     """
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):
@@ -135,7 +153,10 @@ class SharedState:
 
     def state(self) -> AppState:
         """The :class:`AppState` of the current app (or of the app given to the constructor)."""
-        if has_app_context():
+        context = _app_context()
+        if context is not None:
+            app = context.app
+        elif has_app_context():
             app = current_app._get_current_object()  # type: ignore[attr-defined]
         elif self._app is not None:
             app = self._app
@@ -160,7 +181,12 @@ class SharedState:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (a copy), or ``default``."""
-        value = self._ops().get(key)
+        state = self.state()
+        cache = state.cache
+        if cache is not None and key.__class__ is str and state.transaction.get() is None:
+            value = cache.get(key)  # the read cache's short way; the same answer
+            return default if value is ABSENT else value
+        value = state.operations().get(key)
         return default if value is MISSING else value
 
     def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
@@ -422,7 +448,14 @@ class SharedDict(MutableMapping[str, Any]):
         self._shared = shared
 
     def __getitem__(self, key: str) -> Any:
-        value = self._shared._ops().get(key)
+        state = self._shared.state()
+        cache = state.cache
+        if cache is not None and key.__class__ is str and state.transaction.get() is None:
+            value = cache.get(key)  # the read cache's short way; the same answer
+            if value is ABSENT:
+                raise KeyError(key)
+            return value
+        value = state.operations().get(key)
         if value is MISSING:
             raise KeyError(key)
         return value
@@ -435,7 +468,11 @@ class SharedDict(MutableMapping[str, Any]):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return self._shared._ops().contains(key)  # type: ignore[arg-type]
+        state = self._shared.state()
+        cache = state.cache
+        if cache is not None and key.__class__ is str and state.transaction.get() is None:
+            return cache.contains(key)
+        return state.operations().contains(key)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shared._ops().keys())
@@ -444,8 +481,7 @@ class SharedDict(MutableMapping[str, Any]):
         return self._shared._ops().length()
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = self._shared._ops().get(key)
-        return default if value is MISSING else value
+        return self._shared.get(key, default)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         return self._shared._ops().setdefault(key, default)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .backends.base import Backend, check_key, check_request, pack, unpack
+from .backends.client_cache import ABSENT
 from .server.protocol import MAX_SECONDS
 
 #: The longest ``ttl`` a key may be given, in seconds.
@@ -120,19 +121,30 @@ class Direct(Operations):
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        #: the backend's read cache, if any: reads outside atomic blocks go through it
+        self.cache = backend.read_cache
 
     def _call(self, op: str, *args: Any) -> Any:
         check_request(f"{op}()", args)
         return self.backend.call(op, *args)
 
     def get(self, key: str) -> Any:
+        cache = self.cache
+        if cache is not None:
+            value = cache.get(key) if key.__class__ is str else cache.get(check_key(key))
+            return MISSING if value is ABSENT else value
         return _unpack_or_missing(self._call("get", check_key(key)))
 
     def get_many(self, keys: Iterable[str]) -> list[Any]:
         keys = [check_key(k) for k in keys]
+        if self.cache is not None:
+            check_request("get_many()", (keys,))
+            return [MISSING if v is ABSENT else v for v in self.cache.get_many(keys)]
         return [_unpack_or_missing(p) for p in self._call("get_many", keys)]
 
     def contains(self, key: str) -> bool:
+        if self.cache is not None:
+            return self.cache.contains(check_key(key))
         return bool(self._call("contains", check_key(key)))
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:

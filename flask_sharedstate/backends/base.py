@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import pickle
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..server.protocol import MAX_MESSAGE
+
+if TYPE_CHECKING:
+    from .client_cache import ReadCache
 
 Packed = int | float | bytes
 
@@ -128,6 +131,9 @@ class Backend(ABC):
 
     #: the address, for messages
     address: str
+
+    #: this process's read cache (``client_cache.py``), or None: every read is a call
+    read_cache: ReadCache | None = None
 
     @abstractmethod
     def call(self, op: str, *args: Any) -> Any:

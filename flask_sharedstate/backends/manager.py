@@ -44,7 +44,9 @@ from ..errors import (
 )
 from ..launcher import ServerLauncher
 from ..server import catalogue, protocol
+from ..server.versions import table_path
 from .base import Backend, Packed
+from .client_cache import ReadCache
 
 _ERRORS: dict[str, type[Exception]] = {
     "KeyError": KeyError,
@@ -146,6 +148,15 @@ class ManagerBackend(Backend):
         self._owner: int | None = None
         #: False for the CLI, which works on a running server and never starts one
         self.may_start = True
+        # Only on a unix socket: the version table is a file beside it, which a
+        # client on TCP (perhaps on another machine) cannot map.
+        if settings.tcp is None and settings.client_cache > 0:
+            self.read_cache = ReadCache(
+                self,
+                table_path(settings.socket_path),
+                settings.client_cache,
+                settings.client_cache_max_value,
+            )
 
     # -- the interface ---------------------------------------------------------
 

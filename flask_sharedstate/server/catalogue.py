@@ -67,12 +67,20 @@ OPERATIONS: dict[str, Operation] = _catalogue(
 #: The state server's own operation (not the store's): its status, for ``flask sharedstate status``.
 INFO = Operation("info", read_only=True)
 
+#: The state server's read for the workers' read caches (``backends/client_cache.py``):
+#: values with their versions. Not a store operation every backend has: only the
+#: state server has a version table (``memory`` is local, Redis has none).
+READ_VERSIONED = Operation("read_versioned", read_only=True)
+
+#: The state server's own operations, by name.
+SERVER_OPERATIONS: dict[str, Operation] = _catalogue(INFO, READ_VERSIONED)
+
 
 def lookup(name: str) -> Operation:
     """The catalogue entry of ``name``; ValueError for an operation no backend has."""
     op = OPERATIONS.get(name)
     if op is None:
-        if name == INFO.name:
-            return INFO
-        raise ValueError(f"unknown operation {name!r}")
+        op = SERVER_OPERATIONS.get(name)
+        if op is None:
+            raise ValueError(f"unknown operation {name!r}")
     return op

@@ -41,6 +41,7 @@ from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
 from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import LockTimeout, Session, Store
+from .versions import HEARTBEAT_INTERVAL, VersionTable, table_path
 
 log = logging.getLogger("flask_sharedstate.server")
 
@@ -165,6 +166,10 @@ class StateServer:
         if listener.family == socket.AF_UNIX:
             self._socket_path = listener.getsockname()
             self._socket_inode = os.stat(self._socket_path).st_ino
+            # The workers' read caches check it; taken over (new instance id) before
+            # the accept loop serves anyone, so no worker trusts an old server's values.
+            with self.store.cond:
+                self.store.versions = VersionTable.open(table_path(self._socket_path))
         # -- connection limits
         self.descriptor_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         fit = max_connections
@@ -199,6 +204,8 @@ class StateServer:
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+        if self.store.versions is not None:
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         if self.store.journal is not None:
             threading.Thread(target=self._persist, args=(self.store.journal,), daemon=True).start()
         sel = selectors.DefaultSelector()
@@ -215,6 +222,9 @@ class StateServer:
                     self._check_socket_file(sel)
         finally:
             sel.close()
+            with self.store.cond:  # after any reply: values cached from now on are dead
+                if self.store.versions is not None:
+                    self.store.versions.retire()
             self._close_listener()
             journal = self.store.journal
             if journal is not None:
@@ -379,6 +389,33 @@ class StateServer:
             except OSError:
                 pass
 
+    def _heartbeat(self) -> None:
+        """Beat in the version table; follow its file if it is deleted or replaced.
+
+        Workers that mapped a deleted table would keep trusting it (the heartbeat
+        goes on) while new workers map a new one: so the old one is retired (its
+        instance id zeroed: its readers go to the server, and map the new file).
+        """
+        beats = 0
+        while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            table = self.store.versions
+            if table is None:
+                return
+            table.beat()
+            beats += 1
+            if beats % 10 or not table.moved():
+                continue
+            new = VersionTable.open(table.path)
+            with self.store.cond:
+                table.retire()
+                self.store.versions = new
+            table.close()
+            log.warning(
+                "the version table %s was deleted or replaced: %s",
+                table.path,
+                "using a new one" if new is not None else "the workers' read caches are off",
+            )
+
     def _housekeeping(self) -> None:
         """Drop expired keys, and stop when the owner process is gone."""
         owner = None
@@ -507,8 +544,10 @@ class StateServer:
             request = read(fd)
             try:
                 op, *args = loads(request)
-                if op == "info":
-                    reply: tuple[Any, ...] = (True, self.info(session))
+                if op == "read_versioned":
+                    reply: tuple[Any, ...] = (True, session.read_versioned(*args))
+                elif op == "info":
+                    reply = (True, self.info(session))
                 else:
                     reply = (True, session.call(op, args))
             except LockTimeout as exc:
@@ -536,6 +575,7 @@ class StateServer:
                 "keys": len(session.space.data),
                 "owner_pid": self.owner_pid,
                 "memory": _resident_memory(),
+                "read_cache": self._read_cache_info(),
                 "persistence": None
                 if journal is None
                 else {
@@ -546,6 +586,20 @@ class StateServer:
                     "compactions": journal.compactions,
                 },
             }
+
+    def _read_cache_info(self) -> dict[str, Any] | None:
+        """The workers' read caches as they last reported (call with the store's lock held)."""
+        versions = self.store.versions
+        if versions is None:
+            return None
+        reports = self.store.cache_reports
+        cutoff = time.time() - 600  # a worker silent that long is gone (or never misses)
+        for pid in [p for p, (_, _, when) in reports.items() if when < cutoff]:
+            del reports[pid]
+        return {
+            "table": versions.path,
+            "workers": {pid: {"hits": h, "misses": m} for pid, (h, m, _) in reports.items()},
+        }
 
 
 def _resident_memory() -> int | None:

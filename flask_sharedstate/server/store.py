@@ -31,6 +31,7 @@ from ..errors import AtomicBlockLost
 from .catalogue import OPERATIONS as CATALOGUE
 from .persistence import Journal, NoGlobals, Record
 from .protocol import KEEP_TTL, MAX_SECONDS
+from .versions import VersionTable
 
 Value = int | float | bytes
 
@@ -92,7 +93,7 @@ class Namespace:
         #: default keys already set once, so a deleted default stays deleted
         self.applied_defaults: set[str] = set()
 
-    def drop_expired(self, now: float) -> int:
+    def drop_expired(self, now: float, versions: VersionTable | None) -> int:
         """Remove every key whose deadline has passed; return how many."""
         if not self.deadlines:
             return 0
@@ -100,6 +101,8 @@ class Namespace:
         for key in expired:
             del self.deadlines[key]
             del self.data[key]
+            if versions is not None:
+                versions.bump(self.name, key)
         return len(expired)
 
 
@@ -116,6 +119,11 @@ class Store:
         #: the operation under way: how to undo each of its changes, and their records
         self._undo: list[Undo] = []
         self._records: list[Record] = []
+        #: the version table the workers' read caches check (the state server's, on a
+        #: unix socket), or None
+        self.versions: VersionTable | None = None
+        #: workers' read-cache counts as they last reported them: pid -> (hits, misses, when)
+        self.cache_reports: dict[int, tuple[int, int, float]] = {}
 
     def _space(self, name: str) -> Namespace:
         space = self.namespaces.get(name)
@@ -136,11 +144,18 @@ class Store:
     # not at all. Locks and atomic-block slots are not changes: never journaled,
     # never undone. One list serves every session: ``cond`` is held from an
     # operation's first change to its commit or rollback.
+    #
+    # Each change also bumps the key's slot in the version table, here, before
+    # the reply: a worker's cached copy of the key stops being valid before any
+    # process can hear that the change was made. (A rollback leaves the bump:
+    # it costs a round trip, never a wrong value.)
 
     def put(self, space: Namespace, key: str, value: Value, ttl: float | None | str) -> None:
         """Set ``key``; ``ttl`` is seconds, None (no expiry) or KEEP_TTL."""
         data, deadlines = space.data, space.deadlines
         self._undo.append(("key", space, key, data.get(key, _ABSENT), deadlines.get(key)))
+        if self.versions is not None:
+            self.versions.bump(space.name, key)
         data[key] = value
         if ttl is None:
             deadlines.pop(key, None)
@@ -154,6 +169,8 @@ class Store:
         data = space.data
         if key not in data:
             return False
+        if self.versions is not None:
+            self.versions.bump(space.name, key)
         self._undo.append(("key", space, key, data.pop(key), space.deadlines.pop(key, None)))
         if self.journal is not None:
             self._records.append(("del", space.name, key))
@@ -161,6 +178,8 @@ class Store:
 
     def clear(self, space: Namespace) -> None:
         self._undo.append(("clear", space, space.data, space.deadlines))
+        if self.versions is not None:
+            self.versions.renew()  # every cached value of every worker, at once
         space.data, space.deadlines = {}, {}
         if self.journal is not None:
             self._records.append(("clear", space.name))
@@ -258,7 +277,8 @@ class Store:
     def sweep(self) -> int:
         """Drop every expired key now; return how many. Called periodically."""
         with self.cond:
-            return sum(space.drop_expired(now()) for space in self.namespaces.values())
+            versions = self.versions
+            return sum(space.drop_expired(now(), versions) for space in self.namespaces.values())
 
 
 def _check_key(key: object) -> str:
@@ -314,11 +334,13 @@ class Session:
         if deadline is not None and deadline <= now():
             del space.data[key]
             del space.deadlines[key]
+            if self.store.versions is not None:
+                self.store.versions.bump(space.name, key)
             return False
         return True
 
     def _purge(self) -> None:
-        self.space.drop_expired(now())
+        self.space.drop_expired(now(), self.store.versions)
 
     def _wait(self, blocked: Callable[[], bool], timeout: float, what: str) -> None:
         if blocked():
@@ -369,6 +391,42 @@ class Session:
                     raise
                 store.commit()
                 return result
+
+    # -- the read cache's read (the state server's own operation) ---------------
+
+    def read_versioned(
+        self, keys: list[str], limit: int, report: tuple[int, int, int] | None = None
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Read ``keys`` for a worker's read cache, as one step.
+
+        Returns the table's instance id and, per key, ``(kind, value, slot,
+        version, deadline)``: kind 0 absent, 1 present (value), 2 present but
+        larger than ``limit`` bytes (no value: the worker will not cache it).
+        ``deadline`` is the key's expiry on the shared monotonic clock, or None.
+        ``report`` is the worker's ``(pid, hits, misses)``, for ``status``.
+        Instance 0: there is no table (slots and versions 0); nothing may be cached.
+        """
+        store = self.store
+        with store.cond:
+            if report is not None:
+                pid, hits, misses = report
+                store.cache_reports[int(pid)] = (int(hits), int(misses), time.time())
+            versions = store.versions
+            space = self.space
+            entries: list[tuple[Any, ...]] = []
+            for key in keys:
+                alive = self._alive(_check_key(key))  # an expired key's removal bumps
+                slot, version = (0, 0) if versions is None else versions.version(space.name, key)
+                if not alive:
+                    entries.append((0, None, slot, version, None))
+                    continue
+                value = space.data[key]
+                deadline = space.deadlines.get(key)
+                if type(value) is bytes and len(value) > limit:
+                    entries.append((2, None, slot, version, deadline))
+                else:
+                    entries.append((1, value, slot, version, deadline))
+            return (0 if versions is None else versions.instance), entries
 
     # -- the operations ------------------------------------------------------
 
