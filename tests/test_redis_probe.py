@@ -1,0 +1,187 @@
+"""Probes of the redis backend in production setups: what the first tests missed.
+
+Real redis-servers (the session's cluster, a plain one), real sockets; every
+process or listener a test starts is stopped by the test, whatever happens.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskCliRunner
+from test_redis_cluster import Cluster
+
+from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
+from flask_sharedstate.cli import sharedstate
+
+from conftest import cluster_ports, free_port, make_app
+
+
+def status(app: Flask) -> tuple[int, str, BaseException | None]:
+    runner: FlaskCliRunner = app.test_cli_runner()
+    result = runner.invoke(sharedstate, ["status"])
+    return result.exit_code, result.output, result.exception
+
+
+def test_status_on_a_cluster_shows_the_master_of_the_namespaces_slot(
+    redis_cluster_url: str, run_dir: str
+) -> None:
+    """`flask sharedstate status` on a cluster reports the master that holds the
+    namespace's slot, for namespaces on each of the three masters."""
+    nodes = Cluster(list(cluster_ports))
+    try:
+        by_owner: dict[int, str] = {}
+        for i in range(200):  # a namespace on each master
+            name = f"status-{i}"
+            by_owner.setdefault(nodes.owner(nodes.slot_of(name)), name)
+            if len(by_owner) == len(cluster_ports):
+                break
+        assert len(by_owner) == len(cluster_ports), by_owner
+        for port, namespace in by_owner.items():
+            app = make_app("redis-cluster", run_dir, name="status", SHAREDSTATE_NAMESPACE=namespace)
+            shared = SharedState(app)
+            try:
+                shared.set("x", 1)
+                code, out, _ = status(app)
+                assert code == 0, out
+                assert f"at 127.0.0.1:{port} (the master of slot" in out, (port, out)
+                assert "keys:        1" in out, out
+            finally:
+                shared.state().backend.close()
+    finally:
+        nodes.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_status_when_redis_is_down_is_a_clear_error(run_dir: str, kind: str) -> None:
+    """status with its Redis (or cluster) unreachable: an error saying so, not a traceback."""
+    app = Flask("down")
+    scheme = "redis+cluster://" if kind == "redis-cluster" else "redis://"
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=f"{scheme}127.0.0.1:{free_port()}",
+        SHAREDSTATE_KEY="k" * 32,
+        SHAREDSTATE_TIMEOUT=1.0,
+    )
+    SharedState(app)
+    code, out, exc = status(app)
+    assert code == 1 and isinstance(exc, SystemExit), (code, out, repr(exc))
+    assert "Error: Redis at " in out and "SHAREDSTATE_TIMEOUT" in out, out
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1:7000?password=s3cr3t",
+        "redis://:s3cr3t/x@127.0.0.1:6379/0",
+        "redis://:s3cr3t?x@127.0.0.1:6379/0",
+        "rediss://user:s3cr3t#x@127.0.0.1:6379/0",
+        "redis+sentinel://:s3cr3t/x@127.0.0.1:26379/service",
+        "redis+sentinel://:s3cr3t?x@127.0.0.1:26379/service",
+        "redis+cluster://:s3cr3t/x@127.0.0.1:7000",
+    ],
+)
+def test_a_password_is_never_shown_by_a_url_that_does_not_parse(url: str) -> None:
+    """A URL whose password has a reserved character (or sits in a cluster URL's query)
+    is a ConfigError at init_app that shows no piece of it (or, where it still reads
+    unambiguously, works, and the backend's address shows none either)."""
+    app = Flask("leak")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_KEY="k" * 32
+    )
+    try:
+        shared = SharedState(app)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "SHAREDSTATE_REDIS_URL" in message, message
+    else:
+        message = shared.state().backend.address
+        shared.state().backend.close()
+    assert "s3cr" not in message, message
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers (a hung server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    for conn in held:
+        conn.close()
+    thread.join(5)
+
+
+def test_sentinels_that_never_answer_fail_a_read_once_and_say_how_long(
+    silent_listener: int,
+) -> None:
+    """Three sentinels that accept and never answer: a read is not sent through the
+    whole discovery a second time, and the error says each sentinel had the timeout."""
+    timeout = 1.0
+    hosts = ",".join([f"127.0.0.1:{silent_listener}"] * 3)
+    app = Flask("silent")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=f"redis+sentinel://{hosts}/service",
+        SHAREDSTATE_KEY="k" * 32,
+        SHAREDSTATE_TIMEOUT=timeout,
+    )
+    shared = SharedState(app)
+    try:
+        took, messages = {}, {}
+        for name, operation in [
+            ("get", lambda: shared.get("x")),
+            ("set", lambda: shared.set("x", 1)),
+        ]:
+            start = time.monotonic()
+            with pytest.raises(SharedStateUnavailable) as info:
+                operation()
+            took[name], messages[name] = time.monotonic() - start, str(info.value)
+        # One discovery: each of the 3 sentinels waited for once (6 s if sent twice).
+        assert all(2.5 < t < 3 * timeout + 2 for t in took.values()), took
+        for message in messages.values():
+            assert "none of the 3 sentinel(s)" in message, message
+            assert "each given 1s" in message, message
+    finally:
+        shared.state().backend.close()
+
+
+def test_tls_port_that_never_handshakes_fails_within_the_timeout(silent_listener: int) -> None:
+    """rediss:// to a port that accepts TCP and never completes the TLS handshake:
+    SharedStateUnavailable after about the timeout, never a hang."""
+    app = Flask("handshake")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=f"rediss://localhost:{silent_listener}/0",
+        SHAREDSTATE_KEY="k" * 32,
+        SHAREDSTATE_TIMEOUT=1.0,
+    )
+    shared = SharedState(app)
+    try:
+        for operation in (lambda: shared.get("x"), lambda: shared.set("x", 1)):
+            start = time.monotonic()
+            with pytest.raises(SharedStateUnavailable, match="did not answer"):
+                operation()
+            assert 0.9 < time.monotonic() - start < 2 * 1.0 + 2
+    finally:
+        shared.state().backend.close()
