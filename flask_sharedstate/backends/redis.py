@@ -168,6 +168,10 @@ class RedisBackend(Backend):
                 " of the app."
             )
         self._redis = redis
+        from redis.sentinel import MasterNotFoundError
+
+        #: errors after which not even a read is sent again
+        self._final = (redis.TimeoutError, redis.AuthenticationError, MasterNotFoundError)
         self.address = redact(url)
         self._namespace = namespace
         self._timeout = timeout
@@ -219,9 +223,8 @@ class RedisBackend(Backend):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # A read is safe to send again, on a new connection, after a dropped
                 # one (Redis restarting); not after a timeout: that would double it.
-                # (Nor after refused credentials.)
-                final = (redis.TimeoutError, redis.AuthenticationError)
-                if attempt == 1 and entry.read_only and not isinstance(exc, final):
+                # (Nor after refused credentials, nor after every sentinel was asked.)
+                if attempt == 1 and entry.read_only and not isinstance(exc, self._final):
                     continue
                 raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
             except redis.ResponseError as exc:
