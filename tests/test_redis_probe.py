@@ -6,10 +6,12 @@ process or listener a test starts is stopped by the test, whatever happens.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -19,7 +21,15 @@ from test_redis_cluster import Cluster
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 from flask_sharedstate.cli import sharedstate
 
-from conftest import cluster_ports, free_port, make_app
+from conftest import (
+    cluster_ports,
+    free_port,
+    make_app,
+    start_redis,
+    start_redis_cluster,
+    stop_process,
+    wait_for,
+)
 
 
 def status(app: Flask) -> tuple[int, str, BaseException | None]:
@@ -183,5 +193,90 @@ def test_tls_port_that_never_handshakes_fails_within_the_timeout(silent_listener
             with pytest.raises(SharedStateUnavailable, match="did not answer"):
                 operation()
             assert 0.9 < time.monotonic() - start < 2 * 1.0 + 2
+    finally:
+        shared.state().backend.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Any) -> Iterator[dict[str, Any]]:
+    """A 3-master cluster of this test's own (it kills a node); stopped by pid."""
+    folder = str(tmp_path)
+    procs, ports = start_redis_cluster(folder)
+    started = {"folder": folder, "procs": dict(zip(ports, procs, strict=True)), "ports": ports}
+    try:
+        yield started
+    finally:
+        for proc in started["procs"].values():
+            stop_process(proc)
+
+
+def _bus_port(folder: str, port: int) -> int:
+    """The cluster bus port a node announced (its nodes.conf, the ``myself`` line)."""
+    with open(os.path.join(folder, f"nodes-{port}.conf")) as f:
+        for line in f:
+            if "myself" in line:
+                return int(line.split()[1].split("@")[1].split(",")[0])
+    raise AssertionError(f"no myself line in nodes-{port}.conf")
+
+
+def test_sigkilled_slot_owner_fails_fast_then_recovers_and_forked_children_work(
+    own_cluster: dict[str, Any],
+) -> None:
+    """On a cluster: a forked child (gunicorn --preload style) uses the parent's client;
+    SIGKILL the master of the namespace's slot: each operation is SharedStateUnavailable
+    (no hang); restarted (empty, no persistence), the same app works again, defaults back."""
+    ports = own_cluster["ports"]
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    app = Flask("killed")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=url,
+        SHAREDSTATE_KEY="k" * 32,
+        SHAREDSTATE_NAMESPACE="killed",
+        SHAREDSTATE_TIMEOUT=1.0,
+    )
+    shared = SharedState(app, defaults={"d": 1})
+    try:
+        assert shared.incr("n") == 1  # the parent's connections are open
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                with shared.lock("l"):
+                    code = 0 if shared.incr("n") == 2 else 3
+                with shared.atomic():
+                    shared.dict["n"] += 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert shared.incr("n") == 4  # the parent's client after the fork, too
+        nodes = Cluster(ports)
+        try:
+            owner = nodes.owner(nodes.slot_of(app.config["SHAREDSTATE_NAMESPACE"]))
+        finally:
+            nodes.close()
+        bus = _bus_port(own_cluster["folder"], owner)
+        proc = own_cluster["procs"][owner]
+        proc.kill()
+        proc.wait(10)
+        for operation in (lambda: shared.get("n"), lambda: shared.incr("n")):
+            start = time.monotonic()
+            with pytest.raises(SharedStateUnavailable, match="Redis at redis\\+cluster://"):
+                operation()
+            assert time.monotonic() - start < 4 * 1.0 + 2
+        options = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{owner}.conf"]
+        own_cluster["procs"][owner] = start_redis(
+            owner, own_cluster["folder"], *options, "--cluster-port", str(bus)
+        )
+
+        def works() -> bool:
+            try:
+                return shared.incr("n") == 1  # the node came back empty
+            except SharedStateUnavailable:
+                return False
+
+        wait_for(works, timeout=30, interval=0.2)
+        assert shared.get("d") == 1  # the defaults, applied again on the new connection
     finally:
         shared.state().backend.close()
