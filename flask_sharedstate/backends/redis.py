@@ -260,16 +260,16 @@ class RedisBackend(Backend):
                 "apply_defaults",
                 None,
             )
-        except (
-            self._redis.exceptions.AskError,
-            self._redis.exceptions.TryAgainError,
-            self._redis.exceptions.ClusterDownError,
-        ):
+        except (self._redis.exceptions.AskError, self._redis.exceptions.TryAgainError):
             # A cluster node that does not own the namespace's slot (MOVED), or not
-            # all of it yet (ASK, TRYAGAIN), or a cluster not ready: the slot owner's
-            # new connections apply them.
+            # all of it any more (ASK, TRYAGAIN: a migration, so the defaults were
+            # applied before and move with the slot): the slot owner's connections
+            # apply them.
             return
         except BaseException:
+            # (Also CLUSTERDOWN, from the owner just after it restarted, maybe empty:
+            # not a connection to keep without the defaults. The command that opened
+            # it was not run; the cluster client sends it again until the timeout.)
             connection.disconnect()
             raise
 
