@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis as redis_client
 from flask import Flask
 from flask.testing import FlaskCliRunner
 from test_redis_cluster import Cluster
+from test_redis_production import SERVICE, master_port_now, start_sentinels
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 from flask_sharedstate.cli import sharedstate
@@ -279,4 +282,61 @@ def test_sigkilled_slot_owner_fails_fast_then_recovers_and_forked_children_work(
         wait_for(works, timeout=30, interval=0.2)
         assert shared.get("d") == 1  # the defaults, applied again on the new connection
     finally:
+        shared.state().backend.close()
+
+
+@pytest.fixture
+def sentinel_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The redis-servers and sentinels a test starts; each stopped by its pid at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        stop_process(proc)
+
+
+def test_sentinel_failover_of_a_live_master_moves_writes_to_the_new_one(
+    tmp_path: Any, sentinel_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """SENTINEL FAILOVER while the old master stays up: once the sentinels name the new
+    master (and a check interval passed), writes go there, not to the old master, which
+    would drop them when it turns replica. A forked child uses the same client too."""
+    s = start_sentinels(str(tmp_path), sentinel_procs)
+    app = Flask("demoted")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=s["url"],
+        SHAREDSTATE_KEY="k" * 32,
+        SHAREDSTATE_NAMESPACE="demoted",
+        SHAREDSTATE_TIMEOUT=2.0,
+    )
+    shared = SharedState(app)
+    old = redis_client.Redis(port=s["master_port"], socket_timeout=5)
+    new = redis_client.Redis(port=s["replica_port"], socket_timeout=5)
+    try:
+        assert shared.incr("n") == 1  # a pooled connection to the (old) master
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                code = 0 if shared.incr("n") == 2 else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        sentinel = redis_client.Redis(port=s["sentinel_ports"][0], socket_timeout=5)
+        try:
+            sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        finally:
+            sentinel.close()
+        wait_for(lambda: master_port_now(s["sentinel_ports"]) == s["replica_port"], timeout=30)
+        time.sleep(1.5)  # the backend asks the sentinels each SENTINEL_CHECK (1 s)
+        still_master = old.info("replication")["role"] == "master"
+        before = int(new.get("{demoted}:k:n") or 0)
+        for _ in range(10):
+            shared.incr("n")
+        after = int(new.get("{demoted}:k:n") or 0)
+        assert after == before + 10, (before, after, "old still master:", still_master)
+    finally:
+        old.close()
+        new.close()
         shared.state().backend.close()

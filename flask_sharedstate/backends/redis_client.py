@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -38,6 +39,8 @@ from .redis_cluster import parse_url as parse_cluster_url
 SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEME = "redis+sentinel://"
 SENTINEL_PORT = 26379
+#: Seconds between two questions to the sentinels about which server is the master.
+SENTINEL_CHECK = 1.0
 #: The hint for a URL that does not parse: a password's reserved characters.
 ENCODE = (
     " A password with / ? # @ : or , in it must be percent-encoded in the URL:"
@@ -251,7 +254,31 @@ def connect(
         # The URL's query parameters override keyword arguments (redis-py's rule).
         return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
 
-    from redis.sentinel import Sentinel
+    from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+
+    class Pool(SentinelConnectionPool):
+        """redis-py's, which asks the sentinels only for a new connection; this one
+        also asks at most every SENTINEL_CHECK seconds before lending one. A master
+        that was failed over while still up (``SENTINEL FAILOVER``, a partition)
+        keeps taking writes, which it drops when it turns replica: so its idle
+        connections are closed as soon as the sentinels name another master."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            self._checked = time.monotonic()
+
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            now = time.monotonic()
+            if now - self._checked >= SENTINEL_CHECK:
+                self._checked = now
+                try:
+                    # (Closes the idle connections if the master changed.)
+                    self.get_master_address()  # type: ignore[no-untyped-call]
+                except MasterNotFoundError:
+                    # Sentinels down: the connection's own connect says so if it must
+                    # connect; meanwhile do not make a request wait on them each second.
+                    self._checked = now + 10 * SENTINEL_CHECK
+            return super().get_connection(*args, **kwargs)
 
     sentinels, service, db, auth = _sentinel_parts(url)
     for name, values in parse_qs(urlsplit(url).query).items():
@@ -262,7 +289,7 @@ def connect(
         sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **extra, **owned()
     )
     return manager.master_for(  # type: ignore[no-untyped-call]
-        service, db=db, redis_connect_func=on_connect
+        service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
     )
 
 
