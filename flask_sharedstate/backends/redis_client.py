@@ -269,7 +269,8 @@ def connect(
 
         def get_connection(self, *args: Any, **kwargs: Any) -> Any:
             now = time.monotonic()
-            if now - self._checked >= SENTINEL_CHECK:
+            # (Without an idle connection, the new one asks the sentinels anyway.)
+            if now - self._checked >= SENTINEL_CHECK and self._available_connections:
                 self._checked = now
                 try:
                     # (Closes the idle connections if the master changed.)
