@@ -125,6 +125,29 @@ def _rate(hits: int, misses: int) -> str:
     return f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "-"
 
 
+def _redis_info(backend: RedisBackend, namespace: str, timeout: float) -> tuple[Any, str]:
+    """INFO of the Redis that holds the namespace, and (on a cluster) which node that is.
+
+    On a cluster that is the master of the namespace's hash slot, not whichever
+    node redis-py would ask by default.
+    """
+    import redis
+
+    from .backends.redis_client import unavailable
+    from .backends.redis_cluster import ClusterClient
+
+    client = backend.client
+    try:
+        if not isinstance(client, ClusterClient):
+            return client.info(), ""
+        key = "{" + namespace + "}:"
+        node = client.get_node_from_key(key)
+        where = f", at {node.host}:{node.port} (the master of slot {client.keyslot(key)})"
+        return client.info(target_nodes=node), where
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise _fail(unavailable(exc, backend.address, "info", timeout, namespace)) from None
+
+
 @sharedstate.command()
 def status() -> None:
     """Show the server's address, pid, uptime, keys, memory, clients and persistence."""
@@ -134,9 +157,10 @@ def status() -> None:
     click.echo(f"address:     {backend.address}")
     click.echo(f"namespace:   {state.settings.namespace}")
     if isinstance(backend, RedisBackend):
-        info = _run(backend.client.info)
+        info, node = _redis_info(backend, state.settings.namespace, state.settings.timeout)
         click.echo(
             f"server:      redis {info.get('redis_version')}, up {info.get('uptime_in_seconds')}s"
+            + node
         )
         click.echo(f"keys:        {_run(_ops().length)}")
         click.echo(f"memory:      {info.get('used_memory_human')}")

@@ -168,6 +168,10 @@ class RedisBackend(Backend):
                 " of the app."
             )
         self._redis = redis
+        from redis.sentinel import MasterNotFoundError
+
+        #: errors after which not even a read is sent again
+        self._final = (redis.TimeoutError, redis.AuthenticationError, MasterNotFoundError)
         self.address = redact(url)
         self._namespace = namespace
         self._timeout = timeout
@@ -219,9 +223,8 @@ class RedisBackend(Backend):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # A read is safe to send again, on a new connection, after a dropped
                 # one (Redis restarting); not after a timeout: that would double it.
-                # (Nor after refused credentials.)
-                final = (redis.TimeoutError, redis.AuthenticationError)
-                if attempt == 1 and entry.read_only and not isinstance(exc, final):
+                # (Nor after refused credentials, nor after every sentinel was asked.)
+                if attempt == 1 and entry.read_only and not isinstance(exc, self._final):
                     continue
                 raise unavailable(exc, self.address, op, self._timeout, self._namespace) from None
             except redis.ResponseError as exc:
@@ -257,16 +260,16 @@ class RedisBackend(Backend):
                 "apply_defaults",
                 None,
             )
-        except (
-            self._redis.exceptions.AskError,
-            self._redis.exceptions.TryAgainError,
-            self._redis.exceptions.ClusterDownError,
-        ):
+        except (self._redis.exceptions.AskError, self._redis.exceptions.TryAgainError):
             # A cluster node that does not own the namespace's slot (MOVED), or not
-            # all of it yet (ASK, TRYAGAIN), or a cluster not ready: the slot owner's
-            # new connections apply them.
+            # all of it any more (ASK, TRYAGAIN: a migration, so the defaults were
+            # applied before and move with the slot): the slot owner's connections
+            # apply them.
             return
         except BaseException:
+            # (Also CLUSTERDOWN, from the owner just after it restarted, maybe empty:
+            # not a connection to keep without the defaults. The command that opened
+            # it was not run; the cluster client sends it again until the timeout.)
             connection.disconnect()
             raise
 

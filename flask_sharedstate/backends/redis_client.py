@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -34,11 +35,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..errors import AuthenticationError, ConfigError, SharedStateUnavailable
 from .redis_cluster import SCHEME as CLUSTER_SCHEME
 from .redis_cluster import parse_url as parse_cluster_url
-from .redis_cluster import redact as redact_cluster_url
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEME = "redis+sentinel://"
 SENTINEL_PORT = 26379
+#: Seconds between two questions to the sentinels about which server is the master.
+SENTINEL_CHECK = 1.0
+#: The hint for a URL that does not parse: a password's reserved characters.
+ENCODE = (
+    " A password with / ? # @ : or , in it must be percent-encoded in the URL:"
+    " urllib.parse.quote(password, safe='')."
+)
 
 #: redis-py arguments the backend sets itself, and why a user may not.
 OWNED: dict[str, str] = {
@@ -85,6 +92,16 @@ def check(url: str, options: Any) -> dict[str, Any]:
             f" rediss:// or unix:// URL, {SENTINEL_SCHEME}host:port,host:port/service, or"
             f" {CLUSTER_SCHEME}host:port[,host:port...] for a Redis Cluster."
         )
+    if url.startswith(SCHEMES):
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError
+        except ValueError:
+            raise ConfigError(
+                f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: its host, port or"
+                " password does not parse; expected redis://[user:password@]host[:port][/db]"
+                f" (or rediss://, unix:///path?db=0).{ENCODE}"
+            ) from None
     if options is None:
         options = {}
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
@@ -140,7 +157,7 @@ def _check_cluster(url: str, options: Any) -> dict[str, Any]:
         parse_cluster_url(url)
     except ValueError as exc:
         raise ConfigError(
-            f"SHAREDSTATE_REDIS_URL = {redact_cluster_url(url)!r} is not valid: expected {exc}."
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected {exc}.{ENCODE}"
         ) from None
     if options:
         raise ConfigError(
@@ -174,23 +191,25 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
     """``(sentinels, service, db, auth)`` of a ``redis+sentinel://`` URL."""
     rest = url[len(SENTINEL_SCHEME) :]
     location, _, _ = rest.partition("?")
-    netloc, _, path = location.partition("/")
     auth: dict[str, str] = {}
-    userinfo, at, hosts = netloc.rpartition("@")
+    userinfo, at, location = location.rpartition("@")  # (a raw / in a password too)
     if at:
         user, colon, password = userinfo.partition(":")
         if user:
             auth["username"] = unquote(user)
         if colon and password:
             auth["password"] = unquote(password)
+    hosts, _, path = location.partition("/")
     sentinels = []
     for item in hosts.split(","):
         host, colon, port = item.strip().rpartition(":") if ":" in item else (item, "", "")
         host = host.strip("[]")
         if not host or (colon and not port.isdigit()):
+            # (Not shown when it may be a piece of a password.)
+            what = f"{item!r} is not" if "@" not in url else "a part of its host list is not"
             raise ConfigError(
-                f"SHAREDSTATE_REDIS_URL = {redact(url)!r}: {item!r} is not a sentinel's"
-                f" host:port; write {SENTINEL_SCHEME}host:port,host:port/service_name."
+                f"SHAREDSTATE_REDIS_URL = {redact(url)!r}: {what} a sentinel's host:port;"
+                f" write {SENTINEL_SCHEME}host:port,host:port/service_name.{ENCODE}"
             )
         sentinels.append((host, int(port) if port else SENTINEL_PORT))
     service, _, db = path.strip("/").partition("/")
@@ -235,7 +254,32 @@ def connect(
         # The URL's query parameters override keyword arguments (redis-py's rule).
         return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
 
-    from redis.sentinel import Sentinel
+    from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+
+    class Pool(SentinelConnectionPool):
+        """redis-py's, which asks the sentinels only for a new connection; this one
+        also asks at most every SENTINEL_CHECK seconds before lending one. A master
+        that was failed over while still up (``SENTINEL FAILOVER``, a partition)
+        keeps taking writes, which it drops when it turns replica: so its idle
+        connections are closed as soon as the sentinels name another master."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            self._checked = time.monotonic()
+
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            now = time.monotonic()
+            # (Without an idle connection, the new one asks the sentinels anyway.)
+            if now - self._checked >= SENTINEL_CHECK and self._available_connections:
+                self._checked = now
+                try:
+                    # (Closes the idle connections if the master changed.)
+                    self.get_master_address()  # type: ignore[no-untyped-call]
+                except MasterNotFoundError:
+                    # Sentinels down: the connection's own connect says so if it must
+                    # connect; meanwhile do not make a request wait on them each second.
+                    self._checked = now + 10 * SENTINEL_CHECK
+            return super().get_connection(*args, **kwargs)
 
     sentinels, service, db, auth = _sentinel_parts(url)
     for name, values in parse_qs(urlsplit(url).query).items():
@@ -246,7 +290,7 @@ def connect(
         sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **extra, **owned()
     )
     return manager.master_for(  # type: ignore[no-untyped-call]
-        service, db=db, redis_connect_func=on_connect
+        service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
     )
 
 
@@ -281,9 +325,14 @@ def unavailable(
                 " sentinels too, unless SHAREDSTATE_REDIS_OPTIONS = {'sentinel_kwargs':"
                 " {'password': ...}} gives theirs (None for none)."
             )
+        try:
+            count = len(_sentinel_parts(address)[0])
+        except ConfigError:  # pragma: no cover - it parsed at init_app
+            count = 1
+        each = f"each given {timeout:g}s" if count > 1 else f"given {timeout:g}s"
         return SharedStateUnavailable(
-            f"Redis at {address}: no sentinel named a master for {op!r} within"
-            f" {timeout:g}s (SHAREDSTATE_TIMEOUT) (MasterNotFoundError"
+            f"Redis at {address}: none of the {count} sentinel(s) named a master for"
+            f" {op!r} ({each}, SHAREDSTATE_TIMEOUT, one after another) (MasterNotFoundError"
             f"{': ' + ', '.join(causes) if causes else ''}): the sentinels are unreachable,"
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
@@ -327,19 +376,17 @@ def refused(exc: Exception) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages (any scheme, several hosts too)."""
+    """The URL without its password, for messages (any scheme, several hosts too).
+
+    A password with an unencoded ``/``, ``?`` or ``#`` in it is masked too: the
+    user information runs to the last ``@`` (no host, port or db holds one).
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
+    userinfo, at, rest = rest.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    # Passwords in query parameters too.
-    path, q, query = path.partition("?")
-    if q:
-        query = "&".join(
-            p.split("=", 1)[0] + "=***" if "password" in p.split("=", 1)[0] else p
-            for p in query.split("&")
-        )
-    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
+    masked = f"{scheme}://{userinfo}{at}{rest}"
+    # Passwords in query parameters too (password=, ssl_password=, ...).
+    return re.sub(r"([?&][^=&?]*password[^=&?]*=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)

@@ -68,15 +68,6 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
     return nodes, username, password
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    userinfo, hosts = url[len(SCHEME) :].rsplit("@", 1)
-    user = userinfo.partition(":")[0] if ":" in userinfo else ""
-    return f"{SCHEME}{user}:***@{hosts}"
-
-
 class ClusterClient:
     """A :class:`~redis.cluster.RedisCluster`, built at its first use.
 
