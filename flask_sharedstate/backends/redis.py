@@ -389,13 +389,22 @@ class RedisBackend(Backend):
         values = self.client.mget([self._key(k) for k in keys])
         return [self._decode(k, v) for k, v in zip(keys, values, strict=True)]
 
+    # set and incr send a ttl only when there is one: each argument costs redis-py
+    # about as much as a Python function call to pack.
+
     def op_set(self, key: str, value: Packed, ttl: float | None = None) -> None:
-        self._write("set", [self._key(key)], _ms(ttl), self._encode(key, value))
+        if ttl is None:
+            self._write("set", [self._key(key)], self._encode(key, value))
+        else:
+            self._write("set", [self._key(key)], self._encode(key, value), _ms(ttl))
 
     def op_set_many(self, items: list[tuple[str, Packed]], ttl: float | None = None) -> None:
         if items:
             keys = [self._key(k) for k, _ in items]
-            self._write("set", keys, _ms(ttl), *[self._encode(k, v) for k, v in items])
+            values: list[Any] = [self._encode(k, v) for k, v in items]
+            if ttl is not None:
+                values.append(_ms(ttl))
+            self._write("set", keys, *values)
 
     def op_delete(self, key: str) -> bool:
         return bool(self._write("delete", [self._key(key)]))
@@ -408,7 +417,10 @@ class RedisBackend(Backend):
         return self._decode(key, reply)
 
     def op_incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> Packed | None:
-        reply = self._write("incr", [self._key(key)], self._encode(key, delta), _ms(ttl))
+        if ttl is None:
+            reply = self._write("incr", [self._key(key)], self._encode(key, delta))
+        else:
+            reply = self._write("incr", [self._key(key)], self._encode(key, delta), _ms(ttl))
         return self._decode(key, reply)
 
     def op_compare_and_set(self, key: str, expected: Packed, new: Packed) -> bool:

@@ -37,11 +37,12 @@ def _script(body: str, first: int = 2) -> str:
 
 #: The scripts, by name. Each says its KEYS and ARGV.
 SCRIPTS = {
-    # KEYS: txn, key...; ARGV: ttl ms or '', value...
+    # KEYS: txn, key...; ARGV: value..., then ttl ms if any (one argument fewer to send)
     "set": _script("""
+local ttl = ARGV[#KEYS]
 for i = 2, #KEYS do
-  if ARGV[1] == '' then redis.call('SET', KEYS[i], ARGV[i])
-  else redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[1]) end
+  if ttl then redis.call('SET', KEYS[i], ARGV[i - 1], 'PX', ttl)
+  else redis.call('SET', KEYS[i], ARGV[i - 1]) end
 end
 return {ok = 'OK'}
 """),
@@ -59,9 +60,9 @@ if ARGV[2] == '' then redis.call('SET', KEYS[2], ARGV[1])
 else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return ARGV[1]
 """),
-    # KEYS: txn, key; ARGV: delta (as encode() writes it), ttl ms or ''
+    # KEYS: txn, key; ARGV: delta (as encode() writes it), then ttl ms if any
     "incr": _script("""
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
+if ARGV[2] then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
 if not string.find(ARGV[1], '[%.eEn]') then
   local r = redis.pcall('INCRBY', KEYS[2], ARGV[1])
   if type(r) == 'number' then
