@@ -467,6 +467,56 @@ def test_write_to_claimed_key_waits_for_the_block(app, shared: SharedState) -> N
     assert shared.dict["n"] == 11
 
 
+#: A single-step write, what it answers after a block changed "k" from 0 to 10 (or, for
+#: expire, deleted it), and what "k" holds after both.
+WRITES_AFTER_BLOCK: dict[str, tuple[Callable[[SharedState], Any], Any, Any]] = {
+    "set": (lambda s: s.set("k", 5), None, 5),
+    "set_many": (lambda s: s.dict.update({"k": 5, "other": 1}), None, 5),
+    "delete": (lambda s: s.delete("k"), True, None),
+    "pop": (lambda s: s.dict.pop("k", None), 10, None),
+    "setdefault": (lambda s: s.setdefault("k", 99), 10, 10),
+    "incr": (lambda s: s.incr("k"), 11, 11),
+    "compare_and_set": (lambda s: s.compare_and_set("k", 10, 20), True, 20),
+    "expire": (lambda s: s.expire("k", 100), False, None),
+}
+
+
+@pytest.mark.parametrize("op", WRITES_AFTER_BLOCK)
+def test_every_write_to_a_claimed_key_waits_for_the_block(
+    app, shared: SharedState, op: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Each single-step write to a key an open block read is applied after the block."""
+    write, answer, final = WRITES_AFTER_BLOCK[op]
+    shared.set("k", 0)
+    inside, calling, done = threading.Event(), threading.Event(), threading.Event()
+    got: list[Any] = []
+
+    def other() -> None:
+        with app.app_context():
+            inside.wait(10)
+            calling.set()
+            got.append(write(shared))
+            done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        with shared.atomic():
+            assert shared.dict["k"] == 0
+            if op == "expire":
+                del shared.dict["k"]
+            else:
+                shared.dict["k"] = 10
+            inside.set()
+            assert calling.wait(10)  # the write is on its way while the block is open
+            assert not done.wait(0.5)  # and it waits for the block
+    finally:
+        inside.set()
+        thread.join(10)
+    assert got == [answer]  # it saw what the block wrote
+    assert shared.get("k") == final
+
+
 # -- defaults ---------------------------------------------------------------------------------
 
 

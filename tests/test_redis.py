@@ -321,3 +321,31 @@ def test_redis_needs_a_key_to_sign_values(redis_url: str) -> None:
         shared.delete("v")
     finally:
         shared.state().backend.close()
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str, run_dir: str) -> None:
+    """After SCRIPT FLUSH (as after a restart or a failover) every kind of operation
+    still works: a script Redis has forgotten is loaded again on NOSCRIPT, once."""
+    shared = SharedState(make_app("redis", run_dir, name="flushed"))
+    client = redis_client.Redis.from_url(redis_url)
+    try:
+        shared.set("n", 1)
+        client.script_flush()
+        client.config_resetstat()
+        assert shared.incr("n", 2) == 3
+        shared.set("s", "text")
+        assert shared.setdefault("s", "other") == "text"
+        assert shared.dict.pop("s") == "text"
+        with shared.lock("l"):
+            with shared.atomic():
+                shared.dict["n"] += 1
+        assert shared.get("n") == 4
+        loads = client.info("commandstats")["cmdstat_script|load"]["calls"]
+        # incr, set, setdefault, pop, acquire, txn_read, txn_commit, release; and renew
+        # if the lease renewal ticked while the lock was held
+        assert 8 <= loads <= 9
+        assert shared.incr("n") == 5
+        assert client.info("commandstats")["cmdstat_script|load"]["calls"] == loads
+    finally:
+        client.close()
+        shared.state().backend.close()

@@ -287,25 +287,34 @@ class RedisBackend(Backend):
     def _key(self, key: str) -> str:
         return self._prefix + key
 
-    def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script: one EVALSHA (redis-py loads it first if Redis lacks it)."""
-        return self._scripts[name](keys=keys, args=args)
+    def _eval(self, name: str, keys: list[str], args: Any) -> Any:
+        """Run a script: one EVALSHA; loaded first only when Redis answers NOSCRIPT.
 
-    def _run(
-        self, name: str, keys: list[str], args: list[Any], timeout: float | None = None
-    ) -> Any:
+        EVALSHA goes straight to ``execute_command``, as redis-py's
+        ``Script.__call__`` does after its per-call copies and checks.
+        """
+        script = self._scripts[name]
+        command: Any = self.client.execute_command
+        try:
+            return command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._redis.exceptions.NoScriptError:  # a new, restarted or flushed Redis
+            script.sha = self.client.script_load(script.script)
+            return command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _run(self, name: str, keys: list[str], args: Any, timeout: float | None = None) -> Any:
         """Run a script; while it answers 'blocked', wait and try again until the timeout."""
         return self._poll(lambda: self._eval(name, keys, args), name, timeout)
 
-    def _poll(self, send: Callable[[], Any], name: str, timeout: float | None) -> Any:
+    def _poll(
+        self, send: Callable[[], Any], name: str, timeout: float | None, reply: Any = None
+    ) -> Any:
+        """``send()`` until its reply is not ``{'blocked'}``; ``reply``: a first one, if had."""
         deadline = None
         pause = 0.001
         wait = self._timeout if timeout is None else timeout
-        while True:
+        if reply is None:
             reply = send()
-            status = reply[0]
-            if status != b"blocked":
-                return reply
+        while type(reply) is list and reply[0] == b"blocked":
             now = time.monotonic()
             if deadline is None:
                 deadline = now + wait
@@ -314,19 +323,33 @@ class RedisBackend(Backend):
                 raise LockTimeout(f"{what} held by an atomic block waited {wait:g}s")
             time.sleep(min(pause, deadline - now))
             pause = min(pause * 2, 0.05)
+            reply = send()
+        return reply
 
     def _write(self, name: str, keys: list[str], *args: Any) -> Any:
-        reply = self._run(name, [self._txn, *keys], list(args))
+        """A single-step write: its script's answer, a value (never a table).
+
+        The scripts answer a table only to refuse: ``{'blocked'}`` (an atomic
+        block claims a key: wait and send it again, as the store waits on its
+        condition), or an error of ``incr``. One EVALSHA when nothing is claimed.
+        """
+        keys = [self._txn, *keys]
+        reply = self._eval(name, keys, args)
+        if type(reply) is not list:
+            return reply
+        reply = self._poll(lambda: self._eval(name, keys, args), name, None, reply)
+        if type(reply) is not list:
+            return reply
         if reply[0] == b"TypeError":
             raise TypeError(
-                f"cannot incr key {keys[0][len(self._prefix) :]!r}: not an int or float"
+                f"cannot incr key {keys[1][len(self._prefix) :]!r}: not an int or float"
             )
         if reply[0] == b"ValueError":
             raise ValueError(
-                f"cannot incr key {keys[0][len(self._prefix) :]!r}: Redis integers are 64-bit,"
+                f"cannot incr key {keys[1][len(self._prefix) :]!r}: Redis integers are 64-bit,"
                 " and the result would not fit"
             )
-        return reply
+        raise AssertionError(f"unexpected answer of script {name!r}: {reply!r}")
 
     def _scan(self) -> list[str]:
         match = _glob_escape(self._prefix) + "*"
@@ -392,28 +415,39 @@ class RedisBackend(Backend):
         values = self.client.mget([self._key(k) for k in keys])
         return [self._decode(k, v) for k, v in zip(keys, values, strict=True)]
 
+    # set and incr send a ttl only when there is one: redis-py spends 3k-8k CPU
+    # instructions packing each argument (valgrind), a few percent of a call.
+
     def op_set(self, key: str, value: Packed, ttl: float | None = None) -> None:
-        self._write("set", [self._key(key)], _ms(ttl), self._encode(key, value))
+        if ttl is None:
+            self._write("set", [self._key(key)], self._encode(key, value))
+        else:
+            self._write("set", [self._key(key)], self._encode(key, value), _ms(ttl))
 
     def op_set_many(self, items: list[tuple[str, Packed]], ttl: float | None = None) -> None:
         if items:
             keys = [self._key(k) for k, _ in items]
-            self._write("set", keys, _ms(ttl), *[self._encode(k, v) for k, v in items])
+            values: list[Any] = [self._encode(k, v) for k, v in items]
+            if ttl is not None:
+                values.append(_ms(ttl))
+            self._write("set", keys, *values)
 
     def op_delete(self, key: str) -> bool:
-        return bool(self._write("delete", [self._key(key)])[1])
+        return bool(self._write("delete", [self._key(key)]))
 
     def op_pop(self, key: str) -> Packed | None:
-        reply = self._write("pop", [self._key(key)])
-        return self._decode(key, reply[1]) if len(reply) > 1 else None
+        return self._decode(key, self._write("pop", [self._key(key)]))
 
     def op_setdefault(self, key: str, value: Packed, ttl: float | None = None) -> Packed | None:
         reply = self._write("setdefault", [self._key(key)], self._encode(key, value), _ms(ttl))
-        return self._decode(key, reply[1])
+        return self._decode(key, reply)
 
     def op_incr(self, key: str, delta: int | float = 1, ttl: float | None = None) -> Packed | None:
-        reply = self._write("incr", [self._key(key)], self._encode(key, delta), _ms(ttl))
-        return self._decode(key, reply[1])
+        if ttl is None:
+            reply = self._write("incr", [self._key(key)], self._encode(key, delta))
+        else:
+            reply = self._write("incr", [self._key(key)], self._encode(key, delta), _ms(ttl))
+        return self._decode(key, reply)
 
     def op_compare_and_set(self, key: str, expected: Packed, new: Packed) -> bool:
         # Signatures are deterministic: equal pickles are equal signed pickles.
@@ -423,10 +457,10 @@ class RedisBackend(Backend):
             self._encode(key, expected),
             self._encode(key, new),
         )
-        return bool(reply[1])
+        return bool(reply)
 
     def op_expire(self, key: str, seconds: float | None) -> bool:
-        return bool(self._write("expire", [self._key(key)], _ms(seconds))[1])
+        return bool(self._write("expire", [self._key(key)], _ms(seconds)))
 
     def op_ttl(self, key: str) -> float | None:
         remaining = self.client.pttl(self._key(key))

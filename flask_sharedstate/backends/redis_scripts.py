@@ -4,8 +4,10 @@ Each runs atomically in Redis, so an operation is one round trip (``EVALSHA``,
 through redis-py's :meth:`~redis.Redis.register_script`). ``KEYS[1]`` of every
 single-step write is the namespace's atomic block (``{ns}:txn``): a hash of its
 ``owner`` token and a ``c:KEY`` field for each key it has claimed. A write
-first answers ``blocked`` if that block claims one of its keys; the client
-waits and sends it again.
+first answers ``{'blocked'}`` if that block claims one of its keys; the client
+waits and sends it again. Otherwise a single-step write answers its result
+alone (a status, a number, a value or nil), never a table: a table is a
+refusal, and a bare reply is cheaper for redis-py to read than a table.
 
 Values are as ``backends/redis.py`` encodes them: numbers as text, anything
 else a signed pickle that starts with byte ``0x80`` (which no number does), so
@@ -26,49 +28,53 @@ end
 
 
 def _script(body: str, first: int = 2) -> str:
-    """A single-step write: first answer 'blocked' if an open atomic block claims a key."""
+    """A single-step write: first answer {'blocked'} if an open atomic block claims a key.
+
+    With no block open that is one EXISTS, the whole price of the guarantee.
+    """
     return _BLOCKED_CHECK.replace("FIRST", str(first)) + body
 
 
 #: The scripts, by name. Each says its KEYS and ARGV.
 SCRIPTS = {
-    # KEYS: txn, key...; ARGV: ttl ms or '', value...
+    # KEYS: txn, key...; ARGV: value..., then ttl ms if any (one argument fewer to send)
     "set": _script("""
+local ttl = ARGV[#KEYS]
 for i = 2, #KEYS do
-  if ARGV[1] == '' then redis.call('SET', KEYS[i], ARGV[i])
-  else redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[1]) end
+  if ttl then redis.call('SET', KEYS[i], ARGV[i - 1], 'PX', ttl)
+  else redis.call('SET', KEYS[i], ARGV[i - 1]) end
 end
-return {'ok'}
+return {ok = 'OK'}
 """),
     # KEYS: txn, key
     "pop": _script("""
 local v = redis.call('GET', KEYS[2])
 if v then redis.call('DEL', KEYS[2]) end
-return {'ok', v}
+return v
 """),
     # KEYS: txn, key; ARGV: value, ttl ms or ''
     "setdefault": _script("""
 local v = redis.call('GET', KEYS[2])
-if v then return {'ok', v} end
+if v then return v end
 if ARGV[2] == '' then redis.call('SET', KEYS[2], ARGV[1])
 else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-return {'ok', ARGV[1]}
+return ARGV[1]
 """),
-    # KEYS: txn, key; ARGV: delta (as encode() writes it), ttl ms or ''
+    # KEYS: txn, key; ARGV: delta (as encode() writes it), then ttl ms if any
     "incr": _script("""
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
+if ARGV[2] then redis.call('SET', KEYS[2], '0', 'NX', 'PX', ARGV[2]) end
 if not string.find(ARGV[1], '[%.eEn]') then
   local r = redis.pcall('INCRBY', KEYS[2], ARGV[1])
   if type(r) == 'number' then
     -- Lua numbers are doubles: past 2^53 return Redis's exact text instead.
-    if r < 9007199254740992 and r > -9007199254740992 then return {'ok', r} end
-    return {'ok', redis.call('GET', KEYS[2])}
+    if r < 9007199254740992 and r > -9007199254740992 then return r end
+    return redis.call('GET', KEYS[2])
   end
 end
 local v = redis.call('GET', KEYS[2])
 if not v then
   redis.call('SET', KEYS[2], ARGV[1])
-  return {'ok', ARGV[1]}
+  return ARGV[1]
 end
 local current = string.byte(v, 1) ~= 128 and tonumber(v)
 if not current then return {'TypeError'} end
@@ -81,32 +87,32 @@ end
 local r = string.format('%.17g', current + tonumber(ARGV[1]))
 if not string.find(r, '[%.eEn]') then r = r .. '.0' end
 redis.call('SET', KEYS[2], r, 'KEEPTTL')
-return {'ok', r}
+return r
 """),
     # KEYS: txn, key; ARGV: expected, new
     "compare_and_set": _script("""
 local v = redis.call('GET', KEYS[2])
-if not v then return {'ok', 0} end
+if not v then return 0 end
 local same = v == ARGV[1]
 if not same and string.byte(v, 1) ~= 128 and string.byte(ARGV[1], 1) ~= 128 then
   same = tonumber(v) ~= nil and tonumber(v) == tonumber(ARGV[1])
 end
-if not same then return {'ok', 0} end
+if not same then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-return {'ok', 1}
+return 1
 """),
     # KEYS: txn, key; ARGV: ttl ms or ''
     "expire": _script("""
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'ok', 0} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 if ARGV[1] == '' then redis.call('PERSIST', KEYS[2])
 else redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
-return {'ok', 1}
+return 1
 """),
     # KEYS: txn, key...
     "delete": _script("""
 local n = 0
 for i = 2, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return {'ok', n}
+return n
 """),
     # KEYS: txn, applied, key...; ARGV: name..., value...
     "apply_defaults": """
