@@ -1,0 +1,182 @@
+"""Draw the performance page's figures from the benchmarks' own JSON output.
+
+Reads ``benchmarks/results/{latency,client_cache,throughput}.json`` (written by
+``latency.py --json``, ``client_cache.py --json`` and ``throughput.py --json``)
+and writes ``docs/_static/perf-*.png``, which are committed, so building the
+docs needs no matplotlib. Run after the benchmarks::
+
+    python benchmarks/plots.py [--results benchmarks/results] [--out docs/_static]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = "#c0392b"
+COLOURS = {
+    "floor": "#7f8c8d",
+    "seed": "#8e44ad",
+    "redis-py": "#2980b9",
+    "diskcache": "#27ae60",
+    "Flask-SharedState, cache off": "#e6a09a",
+    "Flask-SharedState": OURS,
+}
+
+
+def _load(folder: str, name: str) -> dict[str, Any] | None:
+    path = os.path.join(folder, f"{name}.json")
+    if not os.path.exists(path):
+        print(f"skipped: no {path}", file=sys.stderr)
+        return None
+    with open(path) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def _label(bars: Any, ax: Any, fmt: str) -> None:
+    for bar in bars:
+        height = bar.get_height()
+        ax.annotate(
+            fmt.format(height),
+            (bar.get_x() + bar.get_width() / 2, height),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            rotation=90,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+
+
+def latency(data: dict[str, Any], out: str) -> str:
+    """get, set, incr: µs per operation of each store, one client."""
+    table: dict[str, dict[str, float]] = data["us"]
+    stores = [s for s in COLOURS if s in table]
+    ops = ["get", "set", "incr"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(stores)
+    for i, store in enumerate(stores):
+        xs = [j + (i - (len(stores) - 1) / 2) * width for j, op in enumerate(ops)]
+        ys = [table[store].get(op, 0.0) for op in ops]
+        shown = [(x, y) for x, y in zip(xs, ys, strict=True) if y]
+        bars = ax.bar(
+            [x for x, _ in shown],
+            [y for _, y in shown],
+            width,
+            label=store,
+            color=COLOURS[store],
+        )
+        _label(bars, ax, "{:.3g}")
+    ax.set_xticks(range(len(ops)), ops)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per operation (log scale; lower is better)")
+    ax.set_title(f"One client, one operation at a time ({data['when'][:10]}, {data['placement']})")
+    ax.legend(fontsize=8, ncols=2)
+    ax.margins(y=0.25)
+    return _save(fig, out, "perf-latency.png")
+
+
+def client_cache(data: dict[str, Any], out: str) -> str:
+    """get of four values: cache on, off, redis-py GET and the floors."""
+    table: dict[str, dict[str, float]] = data["latency_us"]
+    cases = {
+        "cache on": OURS,
+        "cache off": "#e6a09a",
+        "redis-py GET": "#2980b9",
+        "floor round trip": "#7f8c8d",
+        "pickle.loads": "#bdc3c7",
+    }
+    values = list(table)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(cases)
+    for i, (case, colour) in enumerate(cases.items()):
+        xs = [j + (i - (len(cases) - 1) / 2) * width for j in range(len(values))]
+        bars = ax.bar(xs, [table[v][case] for v in values], width, label=case, color=colour)
+        _label(bars, ax, "{:.3g}")
+    ax.set_xticks(range(len(values)), values)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per get (log scale; lower is better)")
+    ax.set_title(f"get of an unchanged key ({data['when'][:10]})")
+    ax.legend(fontsize=8, ncols=3)
+    ax.margins(y=0.25)
+    return _save(fig, out, "perf-client-cache.png")
+
+
+def end_to_end(data: dict[str, Any], out: str) -> str:
+    """Each app's variants as a fraction of the app's ceiling."""
+    groups = data["apps"]
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(8, 1.2 + 0.45 * sum(map(len, groups.values())))
+    )
+    if len(groups) == 1:
+        axes = [axes]
+    for ax, (group, rows) in zip(axes, groups.items(), strict=True):
+        names = [r["variant"] for r in rows][::-1]
+        fractions = [r["of ceiling"] for r in rows][::-1]
+        colours = [
+            OURS
+            if "Flask-SharedState" in n and "off" not in n
+            else "#e6a09a"
+            if "Flask-SharedState" in n
+            else "#7f8c8d"
+            if "ceiling" in n or "per-process" in n
+            else "#2980b9"
+            for n in names
+        ]
+        bars = ax.barh(names, fractions, color=colours)
+        for bar, row in zip(bars, rows[::-1], strict=True):
+            ax.annotate(
+                f"{row['of ceiling']:.2f}  ({row['requests/s']:,.0f}/s)",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                va="center",
+                fontsize=8,
+                xytext=(3, 0),
+                textcoords="offset points",
+            )
+        ax.axvline(1.0, color="black", linewidth=0.6)
+        ax.set_xlim(0, 1.45)
+        ax.set_title(f"{group}: requests/s as a fraction of the ceiling", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"gunicorn -w 4, wrk {data['wrk']}, median of {data['rounds']}", fontsize=9)
+    return _save(fig, out, "perf-end-to-end.png")
+
+
+def _save(fig: Any, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "_static"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    drawn = []
+    for name, draw in (
+        ("latency", latency),
+        ("client_cache", client_cache),
+        ("throughput", end_to_end),
+    ):
+        data = _load(args.results, name)
+        if data is not None:
+            drawn.append(draw(data, args.out))
+    for path in drawn:
+        print(f"wrote {os.path.relpath(path, ROOT)}")
+    return 0 if drawn else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
