@@ -13,15 +13,20 @@ In one run, on this machine:
   Each figure is the median over ``--rounds`` interleaved rounds of the mean
   latency of ``--ops`` reads (each round also stops after ``--max-seconds``);
 * **the write-heavy mix**: ``--procs`` processes each doing 50% ``set`` and 50%
-  ``get`` of random keys among 100, cache on against cache off, in interleaved
-  rounds; the figure is operations per second of all processes together.
+  ``get`` of random keys among 100 for ``--mix-seconds``, cache on against cache
+  off (groups of processes started once), in ``--rounds-mix`` rounds that run
+  the groups back to back; the slowdown is the median of the rounds' ratios (a
+  shared machine's load moves more between rounds than within one). A third
+  group, uncached too, is the control: its ratio to the other uncached group
+  is what noise alone shows.
 
 Targets (issue 11): a cached short string at most 1 µs, a dict of ten ints at
 most 3 µs, both at least 15x faster than the uncached ``get`` and than redis-py
 ``GET``; the mix with the cache at most 1.1x slower than without. Absolute
 figures move with the machine's load: compare the ratios, all from one run. Run::
 
-    python benchmarks/client_cache.py [--ops 20000] [--rounds 5] [--json PATH]
+    python benchmarks/client_cache.py [--ops 20000] [--rounds 5] [--rounds-mix 15]
+        [--only latency|mix] [--json PATH]
 
 To measure a branch other than the installed package, put it first on the
 path: ``PYTHONPATH=/path/to/worktree python benchmarks/client_cache.py``.
@@ -34,7 +39,6 @@ import multiprocessing
 import os
 import pickle
 import platform
-import queue
 import random
 import shutil
 import signal
@@ -93,6 +97,13 @@ def _app(socket_path: str, cache: int | None) -> SharedState:
     return SharedState(app)
 
 
+def cache_stats(shared: SharedState) -> dict[str, int] | None:
+    """The read cache's counters (hits, misses, ...), or None where there is no cache."""
+    cache = getattr(shared.state(), "cache", None)
+    stats = getattr(cache, "stats", None)
+    return dict(stats()) if callable(stats) else None
+
+
 def timed(op: Callable[[], object], ops: int, max_seconds: float) -> float:
     """Mean µs per call of ``op`` over at most ``ops`` calls and about ``max_seconds``."""
     batch = 100
@@ -108,8 +119,8 @@ def timed(op: Callable[[], object], ops: int, max_seconds: float) -> float:
     return (time.perf_counter() - start) / done * 1e6
 
 
-def latency(args: Any, folder: str, url: str) -> dict[str, dict[str, float]]:
-    """name of value -> case -> median µs per read."""
+def latency(args: Any, folder: str, url: str) -> tuple[dict[str, dict[str, float]], Any]:
+    """name of value -> case -> median µs per read; and the read cache's counters."""
     blobs = {name: _packed(value) for name, value in VALUES.items()}
     floor_address = os.path.join(folder, "floor.sock")
     ctx = multiprocessing.get_context("spawn")
@@ -157,114 +168,141 @@ def latency(args: Any, folder: str, url: str) -> dict[str, dict[str, float]]:
         table: dict[str, dict[str, float]] = {name: {} for name in VALUES}
         for (name, case), values in results.items():
             table[name][case] = statistics.median(values)
+        stats = {"cache on": cache_stats(cached), "cache off": cache_stats(uncached)}
         floor_conn.close()
         client.close()
         server_pid = cached.state().backend.server_pid()  # type: ignore[attr-defined]
         for shared in (cached, uncached):
             shared.state().backend.close()
         os.kill(server_pid, signal.SIGTERM)
-        return table
+        return table, stats
     finally:
         floor.terminate()
         floor.join(10)
 
 
-def _mix_worker(
-    socket_path: str,
-    cache: int | None,
-    ops: int,
-    max_seconds: float,
-    seed: int,
-    start: Any,
-    results: Any,
-) -> None:
-    """One process of the mix: connect, wait for the start, then 50% set / 50% get."""
+def _mix_worker(socket_path: str, cache: int | None, seed: int, conn: Any) -> None:
+    """One process of the mix. For each ("go", seconds, ops) it receives: 50% set, 50% get
+    of random keys until ``seconds`` passed or ``ops`` were done; it answers (ops done,
+    seconds taken, its read cache's counters). "stop" (or a closed pipe) ends it."""
     shared = _app(socket_path, cache)
     rng = random.Random(seed)
     keys = [f"mix:{i}" for i in range(MIX_KEYS)]
-    plan = [(rng.random() < 0.5, rng.choice(keys)) for _ in range(ops)]
+    plan = [(rng.random() < 0.5, rng.choice(keys)) for _ in range(4096)]
     for key in keys:  # connected, and every key read once (cached, when the cache is on)
         shared.get(key)
-    if not start.wait(60):
-        return
-    done = 0
-    began = time.perf_counter()
-    deadline = began + max_seconds
-    for write, key in plan:
-        if write:
-            shared.set(key, f"value {done}")
-        else:
-            shared.get(key)
-        done += 1
-        if done % 256 == 0 and time.perf_counter() > deadline:
-            break
-    results.put((done, time.perf_counter() - began))
-    shared.state().backend.close()
+    conn.send("ready")
+    try:
+        while True:
+            command = conn.recv()
+            if command == "stop":
+                break
+            _, seconds, ops = command
+            done = 0
+            began = time.perf_counter()
+            deadline = began + seconds
+            while done < ops and time.perf_counter() < deadline:
+                start = done % 4096
+                for write, key in plan[start : start + 64]:
+                    if write:
+                        shared.set(key, f"value {done}")
+                    else:
+                        shared.get(key)
+                    done += 1
+            conn.send((done, time.perf_counter() - began, cache_stats(shared)))
+    except EOFError:
+        pass
+    finally:
+        shared.state().backend.close()
 
 
 def mix(args: Any, folder: str) -> dict[str, Any]:
-    """Operations per second of ``--procs`` processes, 50% writes on 100 keys, cache on/off."""
+    """Operations per second of ``--procs`` processes, 50% writes on 100 keys, cache on/off.
+
+    Three groups of processes (cache on, cache off, and cache off again: the control,
+    whose ratio to the other uncached group shows how far the machine's noise alone
+    moves a ratio) start once and stay; each round runs the groups back to back, in
+    rotating order, so a round's figures share the load of that moment, and a
+    slowdown is the median of the rounds' own ratios."""
     ctx = multiprocessing.get_context("spawn")
     socket_path = os.path.join(folder, "mix.sock")
     owner = _app(socket_path, 0)
     owner.set_many({f"mix:{i}": f"value {i}" for i in range(MIX_KEYS)})
-    rates: dict[str, list[float]] = {"cache on": [], "cache off": []}
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    names = ("cache on", "cache off", "cache off again")
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    stats: dict[str, list[Any]] = {name: [] for name in names}
+    ratios: list[float] = []
+    control: list[float] = []
     try:
-        for round_ in range(args.rounds):
-            for case, cache in (("cache on", None), ("cache off", 0)):
-                start = ctx.Event()
-                results = ctx.Queue()
-                procs = [
-                    ctx.Process(
-                        target=_mix_worker,
-                        args=(
-                            socket_path,
-                            cache,
-                            args.mix_ops,
-                            args.max_seconds,
-                            1000 * round_ + i,
-                            start,
-                            results,
-                        ),
-                        daemon=True,
-                    )
-                    for i in range(args.procs)
-                ]
-                for p in procs:
-                    p.start()
-                time.sleep(0.5)  # let every process connect and read its keys first
-                start.set()
-                try:
-                    answers = [results.get(timeout=args.max_seconds + 60) for _ in procs]
-                except queue.Empty:
-                    raise SystemExit(f"a mix process ({case}) did not finish") from None
-                finally:
-                    for p in procs:
-                        p.join(30)
-                        if p.is_alive() and p.pid is not None:
-                            os.kill(p.pid, signal.SIGKILL)
-                            p.join(5)
-                total = sum(done for done, _ in answers)
-                rates[case].append(total / max(elapsed for _, elapsed in answers))
-            print(f"  mix round {round_ + 1}/{args.rounds} done", flush=True)
+        for case, cache in zip(names, (None, 0, 0), strict=True):
+            groups[case] = []
+            for i in range(args.procs):
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_mix_worker, args=(socket_path, cache, i, theirs), daemon=True
+                )
+                proc.start()
+                theirs.close()
+                groups[case].append((proc, ours))
+        for case, members in groups.items():
+            for _, conn in members:
+                if not conn.poll(60) or conn.recv() != "ready":
+                    raise SystemExit(f"a mix process ({case}) did not start")
+        for round_ in range(args.rounds_mix):
+            cases = list(groups)[round_ % 3 :] + list(groups)[: round_ % 3]  # rotate
+            for case in cases:
+                members = groups[case]
+                for _, conn in members:
+                    conn.send(("go", args.mix_seconds, args.mix_ops))
+                answers = []
+                for _, conn in members:
+                    if not conn.poll(args.mix_seconds + 60):
+                        raise SystemExit(f"a mix process ({case}) did not answer")
+                    answers.append(conn.recv())
+                total = sum(answer[0] for answer in answers)
+                rates[case].append(total / max(answer[1] for answer in answers))
+                stats[case].append([answer[2] for answer in answers])
+            ratios.append(rates["cache off"][-1] / rates["cache on"][-1])
+            control.append(rates["cache off"][-1] / rates["cache off again"][-1])
+        print(f"  mix: {args.rounds_mix} rounds done", flush=True)
     finally:
+        for members in groups.values():
+            for _, conn in members:
+                try:
+                    conn.send("stop")
+                except OSError:
+                    pass
+                conn.close()
+        for members in groups.values():
+            for proc, _ in members:
+                proc.join(30)
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.join(5)
         server_pid = owner.state().backend.server_pid()  # type: ignore[attr-defined]
         owner.state().backend.close()
         os.kill(server_pid, signal.SIGTERM)
-    on = statistics.median(rates["cache on"])
-    off = statistics.median(rates["cache off"])
     return {
         "procs": args.procs,
         "keys": MIX_KEYS,
         "writes": 0.5,
-        "ops per second": {"cache on": on, "cache off": off},
-        "slowdown with cache": off / on,
+        "seconds per round": args.mix_seconds,
+        "ops per second": {case: statistics.median(v) for case, v in rates.items()},
+        "slowdown with cache": statistics.median(ratios),
+        "slowdown per round": ratios,
+        "control": statistics.median(control),
+        "control per round": control,
+        "ops per second per round": rates,
+        "cache stats per round and process": stats,
     }
 
 
 def report(table: dict[str, dict[str, float]], mixed: dict[str, Any] | None) -> bool:
     """Print the tables; return whether every target was met."""
     met = True
+    if not table:
+        return _report_mix(mixed, met)
     cases = ("cache on", "cache off", "redis-py GET", "floor round trip", "pickle.loads")
     print(f"\n{'value':18}" + "".join(f"{c:>18}" for c in cases) + f"{'off/on':>9}{'redis/on':>10}")
     for name, row in table.items():
@@ -283,6 +321,17 @@ def report(table: dict[str, dict[str, float]], mixed: dict[str, Any] | None) -> 
             f" and {speedups[1]:.1f}x redis-py GET (>= {TARGET_SPEEDUP:g}x): "
             + ("met" if ok else "NOT MET")
         )
+    return _report_mix(mixed, met)
+
+
+def _quartiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    low, _, high = statistics.quantiles(sorted(values), n=4)
+    return f"{low:.2f}-{high:.2f}"
+
+
+def _report_mix(mixed: dict[str, Any] | None, met: bool) -> bool:
     if mixed is not None:
         rates = mixed["ops per second"]
         slowdown = mixed["slowdown with cache"]
@@ -293,6 +342,11 @@ def report(table: dict[str, dict[str, float]], mixed: dict[str, Any] | None) -> 
             f" {rates['cache on']:,.0f} ops/s with the cache, {rates['cache off']:,.0f} without;"
             f" {slowdown:.2f}x slower with it (<= {TARGET_MIX:g}x): " + ("met" if ok else "NOT MET")
         )
+        print(
+            f"    per-round ratios: quartiles {_quartiles(mixed['slowdown per round'])};"
+            f" the control (cache off against cache off): median {mixed['control']:.2f}x,"
+            f" quartiles {_quartiles(mixed['control per round'])}"
+        )
     return met
 
 
@@ -300,22 +354,26 @@ def main() -> int:
     parser = timing.parser(__doc__ or "")
     parser.add_argument("--max-seconds", type=float, default=3.0, help="bound of one timing")
     parser.add_argument("--procs", type=int, default=4, help="processes of the mix")
-    parser.add_argument("--mix-ops", type=int, default=20000, help="operations per process")
-    parser.add_argument("--rounds-mix", type=int, default=None, help="(default: --rounds)")
-    parser.add_argument("--no-mix", action="store_true", help="only the latency table")
+    parser.add_argument("--mix-seconds", type=float, default=1.0, help="length of a mix round")
+    parser.add_argument("--mix-ops", type=int, default=200000, help="bound per process and round")
+    parser.add_argument("--rounds-mix", type=int, default=15, help="rounds of the mix")
+    parser.add_argument("--only", choices=("latency", "mix"), help="run one part")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="fss-cache-bench-")
     try:
-        with redis_server() as url:
-            table = latency(args, folder, url)
+        table: dict[str, dict[str, float]] = {}
+        stats = None
+        if args.only != "mix":
+            with redis_server() as url:
+                table, stats = latency(args, folder, url)
         mixed = None
-        if not args.no_mix:
-            args.rounds = args.rounds_mix or args.rounds
+        if args.only != "latency":
             mixed = mix(args, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\nflask_sharedstate from {os.path.dirname(flask_sharedstate.__file__)}")
+    print(f"read cache counters after the latency rounds: {stats}")
     met = report(table, mixed)
     if args.json:
         with open(args.json, "w") as f:
@@ -328,6 +386,7 @@ def main() -> int:
                     "package": os.path.dirname(flask_sharedstate.__file__),
                     "ops": args.ops,
                     "latency_us": table,
+                    "cache_stats": stats,
                     "mix": mixed,
                     "targets_met": met,
                 },
