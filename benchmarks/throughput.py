@@ -86,6 +86,38 @@ VARIANTS = [
 ]
 
 
+def _python_cwd(folder: str) -> str:
+    """gunicorn's working folder, first on its path (``-m``): this checkout's example app
+    alone, so that a ``flask_sharedstate`` put first on PYTHONPATH is the one measured."""
+    cwd = os.path.join(folder, "cwd")
+    if not os.path.exists(cwd):
+        os.mkdir(cwd)
+        os.symlink(os.path.join(ROOT, "example_app"), os.path.join(cwd, "example_app"))
+    return cwd
+
+
+def _python_env(folder: str) -> dict[str, str]:
+    paths = (os.environ.get("PYTHONPATH"), ROOT, os.path.join(ROOT, "benchmarks"))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
+def measured_package(folder: str) -> str:
+    """The folder of the flask_sharedstate the workers import."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import flask_sharedstate as p, os; print(os.path.dirname(p.__file__))",
+        ],
+        cwd=_python_cwd(folder),
+        env=_python_env(folder),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -110,14 +142,11 @@ def _wrk(url: str, seconds: int) -> str:
 def _run(variant: Variant, seconds: int, folder: str, env: dict[str, str]) -> dict[str, float]:
     """Start gunicorn with the variant, warm it up, load it with wrk, stop it."""
     port = _free_port()
-    run_env = dict(os.environ, **env, **variant.env)
-    run_env["PYTHONPATH"] = os.pathsep.join(
-        [p for p in (os.environ.get("PYTHONPATH"), ROOT, os.path.join(ROOT, "benchmarks")) if p]
-    )
+    run_env = dict(_python_env(folder), **env, **variant.env)
     run_env["FLASK_SHAREDSTATE_SOCKET"] = os.path.join(folder, f"state-{port}.sock")
     command = [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}"]
     command += ["--log-level", "warning", variant.app]
-    gunicorn = subprocess.Popen(command, cwd=ROOT, env=run_env)
+    gunicorn = subprocess.Popen(command, cwd=_python_cwd(folder), env=run_env)
     url = f"http://127.0.0.1:{port}{variant.path}"
     try:
         deadline = time.monotonic() + 30
@@ -202,6 +231,8 @@ def main() -> int:
     variants = [v for v in VARIANTS if v.group in groups]
     runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="fss-http-") as folder, stores(variants, folder) as env:
+        package = measured_package(folder)
+        print(f"flask_sharedstate from {package}", flush=True)
         for round_ in range(args.rounds):
             for variant in variants:
                 result = _run(variant, args.seconds, folder, env)
@@ -232,8 +263,6 @@ def main() -> int:
             report[group].append(row)
             print(f"{v.name:40} {rate:9,.0f} req/s {rate / ceiling:6.2f} of the ceiling{lost}")
     if args.json:
-        import flask_sharedstate
-
         with open(args.json, "w") as f:
             json.dump(
                 {
@@ -241,7 +270,7 @@ def main() -> int:
                     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                     "python": platform.python_version(),
-                    "package": os.path.dirname(flask_sharedstate.__file__),
+                    "package": package,
                     "wrk": f"-t2 -c32 -d{args.seconds}s",
                     "rounds": args.rounds,
                     "apps": report,
