@@ -168,6 +168,9 @@ def latency(args: Any, folder: str, url: str) -> tuple[dict[str, dict[str, float
         table: dict[str, dict[str, float]] = {name: {} for name in VALUES}
         for (name, case), values in results.items():
             table[name][case] = statistics.median(values)
+            # Noise only adds time: the best round is what the code costs when the
+            # machine leaves it alone (timeit's advice); the tables use the median.
+            table[name][f"{case}, best round"] = min(values)
         stats = {"cache on": cache_stats(cached), "cache off": cache_stats(uncached)}
         floor_conn.close()
         client.close()
@@ -317,7 +320,8 @@ def report(table: dict[str, dict[str, float]], mixed: dict[str, Any] | None) -> 
         ok = row["cache on"] <= bound and min(speedups) >= TARGET_SPEEDUP
         met = met and ok
         print(
-            f"  {name}: {row['cache on']:.2f} µs (<= {bound:g}), {speedups[0]:.1f}x uncached"
+            f"  {name}: {row['cache on']:.2f} µs (best round {row['cache on, best round']:.2f};"
+            f" <= {bound:g}), {speedups[0]:.1f}x uncached"
             f" and {speedups[1]:.1f}x redis-py GET (>= {TARGET_SPEEDUP:g}x): "
             + ("met" if ok else "NOT MET")
         )

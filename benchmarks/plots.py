@@ -6,6 +6,8 @@ and writes ``docs/_static/perf-*.png``, which are committed, so building the
 docs needs no matplotlib. Run after the benchmarks::
 
     python benchmarks/plots.py [--results benchmarks/results] [--out docs/_static]
+
+``--markdown`` prints the same figures as the tables of ``docs/performance.md`` instead.
 """
 
 from __future__ import annotations
@@ -16,13 +18,9 @@ import os
 import sys
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = "#c0392b"
+OPS = ["get", "set", "incr"]
 COLOURS = {
     "floor": "#7f8c8d",
     "seed": "#8e44ad",
@@ -31,6 +29,16 @@ COLOURS = {
     "Flask-SharedState, cache off": "#e6a09a",
     "Flask-SharedState": OURS,
 }
+
+
+def _pyplot() -> Any:
+    """matplotlib, drawing to files only (imported here: --markdown needs none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _load(folder: str, name: str) -> dict[str, Any] | None:
@@ -59,9 +67,10 @@ def _label(bars: Any, ax: Any, fmt: str) -> None:
 
 def latency(data: dict[str, Any], out: str) -> str:
     """get, set, incr: µs per operation of each store, one client."""
+    plt = _pyplot()
     table: dict[str, dict[str, float]] = data["us"]
     stores = [s for s in COLOURS if s in table]
-    ops = ["get", "set", "incr"]
+    ops = OPS
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / len(stores)
     for i, store in enumerate(stores):
@@ -87,6 +96,7 @@ def latency(data: dict[str, Any], out: str) -> str:
 
 def client_cache(data: dict[str, Any], out: str) -> str:
     """get of four values: cache on, off, redis-py GET and the floors."""
+    plt = _pyplot()
     table: dict[str, dict[str, float]] = data["latency_us"]
     cases = {
         "cache on": OURS,
@@ -113,6 +123,7 @@ def client_cache(data: dict[str, Any], out: str) -> str:
 
 def end_to_end(data: dict[str, Any], out: str) -> str:
     """Each app's variants as a fraction of the app's ceiling."""
+    plt = _pyplot()
     groups = data["apps"]
     fig, axes = plt.subplots(
         len(groups), 1, figsize=(8, 1.2 + 0.45 * sum(map(len, groups.values())))
@@ -150,7 +161,67 @@ def end_to_end(data: dict[str, Any], out: str) -> str:
     return _save(fig, out, "perf-end-to-end.png")
 
 
+def markdown(results: dict[str, dict[str, Any] | None]) -> str:
+    """The figures as Markdown tables (what docs/performance.md shows)."""
+    out: list[str] = []
+    lat = results.get("latency")
+    if lat:
+        floor = lat["us"]["floor"]["get"]
+        out += [f"latency.py --placement {lat['placement']}, {lat['when']}:", ""]
+        out += ["| store | get | set | incr |", "| --- | --- | --- | --- |"]
+        for store, ops in lat["us"].items():
+            cells = [
+                f"{ops[op]:.1f} µs ({ops[op] / floor:.2f}x)" if op in ops else "" for op in OPS
+            ]
+            out.append(f"| {store} | " + " | ".join(cells) + " |")
+        out.append("")
+    cc = results.get("client_cache")
+    if cc:
+        out += [f"client_cache.py, {cc['when']}:", ""]
+        if cc["latency_us"]:
+            cases = ["cache on", "cache off", "redis-py GET", "floor round trip", "pickle.loads"]
+            out.append("| value | " + " | ".join(cases) + " | off / on | redis / on |")
+            out.append("| --- " * (len(cases) + 3) + "|")
+            for name, row in cc["latency_us"].items():
+                cells = [f"{row[c]:.2f}" for c in cases]
+                ratios = [row["cache off"] / row["cache on"], row["redis-py GET"] / row["cache on"]]
+                out.append(
+                    f"| {name} | "
+                    + " | ".join(cells)
+                    + " | "
+                    + " | ".join(f"{r:.1f}x" for r in ratios)
+                    + " |"
+                )
+            out.append("")
+        mix = cc.get("mix")
+        if mix:
+            rates = mix["ops per second"]
+            out.append(
+                f"Mix ({mix['procs']} processes, 50% writes, {mix['keys']} keys):"
+                f" {rates['cache on']:,.0f} ops/s with the cache, {rates['cache off']:,.0f}"
+                f" without; slowdown {mix['slowdown with cache']:.2f}x (median of"
+                f" {len(mix['slowdown per round'])} rounds' ratios); control (off against off)"
+                f" {mix['control']:.2f}x."
+            )
+            out.append("")
+    tp = results.get("throughput")
+    if tp:
+        out += [f"throughput.py, wrk {tp['wrk']}, median of {tp['rounds']}, {tp['when']}:", ""]
+        for group, rows in tp["apps"].items():
+            out += [f"{group}:", "", "| variant | requests/s | of the ceiling | lost |"]
+            out.append("| --- | --- | --- | --- |")
+            for row in rows:
+                lost = f"{max(row['lost']):.0f}" if "lost" in row else "n/a"
+                out.append(
+                    f"| {row['variant']} | {row['requests/s']:,.0f} | {row['of ceiling']:.2f}"
+                    f" | {lost} |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
 def _save(fig: Any, out: str, name: str) -> str:
+    plt = _pyplot()
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -162,7 +233,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "_static"))
+    parser.add_argument("--markdown", action="store_true", help="print tables, draw nothing")
     args = parser.parse_args()
+    if args.markdown:
+        names = ("latency", "client_cache", "throughput")
+        print(markdown({name: _load(args.results, name) for name in names}))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     drawn = []
     for name, draw in (
