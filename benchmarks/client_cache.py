@@ -386,6 +386,7 @@ def main() -> int:
                     "benchmark": "client_cache",
                     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                    "load average at the end": os.getloadavg(),
                     "python": platform.python_version(),
                     "package": os.path.dirname(flask_sharedstate.__file__),
                     "ops": args.ops,

@@ -239,6 +239,7 @@ def _write_json(args: argparse.Namespace, median: dict[str, float]) -> None:
                 "benchmark": "latency",
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                "load average at the end": os.getloadavg(),
                 "python": platform.python_version(),
                 "package": os.path.dirname(flask_sharedstate.__file__),
                 "placement": args.placement,

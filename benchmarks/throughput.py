@@ -269,6 +269,7 @@ def main() -> int:
                     "benchmark": "throughput",
                     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                    "load average at the end": os.getloadavg(),
                     "python": platform.python_version(),
                     "package": package,
                     "wrk": f"-t2 -c32 -d{args.seconds}s",
