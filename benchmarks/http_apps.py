@@ -7,7 +7,8 @@ Each is a bare Flask app with one route, the same for every store:
   set, unlock), ``redis_counter`` (redis-py ``INCR``), ``diskcache_counter``
   (``diskcache.Cache.incr``, SQLite in a folder every worker opens);
 * ``/flags`` reads five flags: ``global_flags`` (a per-process dict: the ceiling
-  of a bare app), ``redis_flags`` (five redis-py ``GET``).
+  of a bare app), ``shared_flags`` (five ``shared.get``, with none of the example
+  app's other extensions), ``redis_flags`` (five redis-py ``GET``).
 
 The harness passes where the store is in the environment (``SEED_ADDRESS``,
 ``REDIS_URL``, ``DISKCACHE_DIR``); each worker connects on its first request,
@@ -22,6 +23,8 @@ from multiprocessing.managers import AcquirerProxy, BaseManager, DictProxy
 from typing import Any
 
 from flask import Flask
+
+from flask_sharedstate import SharedState
 
 FLAGS = ("shout", "new_ui", "beta_search", "dark_mode", "maintenance")
 SEED_KEY = b"seed-benchmark"
@@ -106,6 +109,16 @@ global_flags = Flask("global_flags")
 @global_flags.get("/flags")
 def global_read() -> dict[str, bool]:
     return {name: _process_flags[name] for name in FLAGS}
+
+
+shared_flags = Flask("shared_flags")
+shared_flags.config.from_prefixed_env()  # FLASK_SHAREDSTATE_SOCKET, ..._CLIENT_CACHE
+_shared = SharedState(shared_flags, defaults={f"flag:{name}": False for name in FLAGS})
+
+
+@shared_flags.get("/flags")
+def shared_read() -> dict[str, bool]:
+    return {name: bool(_shared.get(f"flag:{name}", False)) for name in FLAGS}
 
 
 redis_flags = Flask("redis_flags")

@@ -13,9 +13,10 @@ reported, and its fraction of the group's ceiling.
 * ``flags``: ``GET /flags`` reads five flags. The ceiling is the example app
   with ``FLAGS_IN_PROCESS`` (the same app and route, the flags in a
   per-process dict); then the example app with the client cache on (the
-  default) and off (``SHAREDSTATE_CLIENT_CACHE = 0``), five redis-py ``GET``,
-  and a bare Flask app with the flags in a per-process dict (for scale: the
-  example app's other extensions cost something on every request).
+  default) and off (``SHAREDSTATE_CLIENT_CACHE = 0``), five redis-py ``GET``;
+  and, for scale (the example app's other extensions cost something on every
+  request), a bare Flask app with the flags in a per-process dict and the same
+  bare app with five ``shared.get`` (cache at its default).
 
 Redis variants use a private ``redis-server`` this benchmark starts. Run::
 
@@ -83,6 +84,7 @@ VARIANTS = [
     ),
     Variant("flags", "Redis, five GETs", "http_apps:redis_flags", "/flags"),
     Variant("flags", "bare Flask app, per-process globals", "http_apps:global_flags", "/flags"),
+    Variant("flags", "bare Flask app, Flask-SharedState", "http_apps:shared_flags", "/flags"),
 ]
 
 
