@@ -34,6 +34,7 @@ path: ``PYTHONPATH=/path/to/worktree python benchmarks/client_cache.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -87,14 +88,19 @@ def _floor_server(address: str, blobs: dict[str, bytes]) -> None:
             pass
 
 
-def _app(socket_path: str, cache: int | None) -> SharedState:
-    """A SharedState on its own Flask app; ``cache=None`` leaves the cache at its default."""
+def _flask_app(socket_path: str, cache: int | None) -> Flask:
+    """A Flask app on the server at ``socket_path``; ``cache=None``: the cache's default."""
     app = Flask("client_cache_benchmark")
     app.config["SHAREDSTATE_SOCKET"] = socket_path
     app.config["SHAREDSTATE_NAMESPACE"] = NAMESPACE
     if cache is not None:
         app.config["SHAREDSTATE_CLIENT_CACHE"] = cache
-    return SharedState(app)
+    return app
+
+
+def _app(socket_path: str, cache: int | None) -> SharedState:
+    """A SharedState on its own Flask app."""
+    return SharedState(_flask_app(socket_path, cache))
 
 
 def cache_stats(shared: SharedState) -> dict[str, int] | None:
@@ -134,8 +140,9 @@ def latency(args: Any, folder: str, url: str) -> tuple[dict[str, dict[str, float
             time.sleep(0.01)
         floor_conn = Client(floor_address, family="AF_UNIX", authkey=KEY)
         socket_path = os.path.join(folder, "state.sock")
-        cached = _app(socket_path, None)
-        uncached = _app(socket_path, 0)
+        cached_app = _flask_app(socket_path, None)
+        uncached_app = _flask_app(socket_path, 0)
+        cached, uncached = SharedState(cached_app), SharedState(uncached_app)
         client = redis.Redis.from_url(url)
         cases: dict[tuple[str, str], Callable[[], object]] = {}
         for i, (name, value) in enumerate(VALUES.items()):
@@ -151,19 +158,28 @@ def latency(args: Any, folder: str, url: str) -> tuple[dict[str, dict[str, float
                 floor_conn.recv(),
             )
             cases[(name, "pickle.loads")] = lambda blob=blob: pickle.loads(blob)
+        # Views read inside their app's context: so does each case of SharedState.
+        contexts = {"cache on": cached_app, "cache off": uncached_app}
+
+        def context(case: str) -> Any:
+            app = contexts.get(case)
+            return contextlib.nullcontext() if app is None else app.app_context()
+
         for (name, case), op in cases.items():  # warm up; and check what each case reads
-            op()
-            got = op()
+            with context(case):
+                op()
+                got = op()
+                timed(op, min(args.ops, 1000), args.max_seconds)
             want: Any = blobs[name] if case in ("redis-py GET",) else VALUES[name]
             if case == "floor round trip":
                 got, want = got[1], blobs[name]  # type: ignore[index]
             if got != want:
                 raise SystemExit(f"{case} of {name} read {got!r:.60}, not the value")
-            timed(op, min(args.ops, 1000), args.max_seconds)
         results: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
         for round_ in range(args.rounds):
             for case, op in cases.items():
-                results[case].append(timed(op, args.ops, args.max_seconds))
+                with context(case[1]):
+                    results[case].append(timed(op, args.ops, args.max_seconds))
             print(f"  latency round {round_ + 1}/{args.rounds} done", flush=True)
         table: dict[str, dict[str, float]] = {name: {} for name in VALUES}
         for (name, case), values in results.items():
