@@ -49,6 +49,7 @@ import timing
 from flask import Flask
 from redisserver import redis_server
 
+import flask_sharedstate
 from flask_sharedstate import SharedState
 
 KEY = b"benchmark-key"
@@ -208,6 +209,7 @@ def _measure(
 
         median = {name: statistics.median(v) for name, v in results.items()}
         floor_us = median["floor round trip"]
+        print(f"flask_sharedstate from {os.path.dirname(flask_sharedstate.__file__)}")
         print(f"placement: {args.placement}; {args.rounds} rounds of {args.ops} operations")
         print(f"{'case':34} {'µs/op':>8} {'x floor':>8}")
         for name, us in median.items():
@@ -242,7 +244,6 @@ def _write_json(args: argparse.Namespace, median: dict[str, float]) -> None:
         "Flask-SharedState, cache off": {"get": median["manager get (cache off)"]},
     }
     table["seed"]["incr"] = median["seed incr (locked)"]
-    import flask_sharedstate
 
     with open(args.json, "w") as f:
         json.dump(
