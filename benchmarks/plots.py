@@ -154,7 +154,7 @@ def end_to_end(data: dict[str, Any], out: str) -> str:
                 textcoords="offset points",
             )
         ax.axvline(1.0, color="black", linewidth=0.6)
-        ax.set_xlim(0, 1.45)
+        ax.set_xlim(0, max(1.45, max(fractions) * 1.35))
         ax.set_title(f"{group}: requests/s as a fraction of the ceiling", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"gunicorn -w 4, wrk {data['wrk']}, median of {data['rounds']}", fontsize=9)
