@@ -4,8 +4,11 @@
 - ``POST /cart`` and ``GET /cart``: a cart edited in place under ``@shared.atomic``;
 - ``GET /api/quote``: a per-client rate limit with Flask-Limiter on
   ``sharedstate://`` (RATE_LIMIT per minute, counted across workers);
-- ``GET /flags``, ``PUT /flags/<name>``, ``GET /hello``: feature flags that
-  one request sets and every worker reads at once;
+- ``GET /flags``, ``PUT /flags/<name>``, ``GET /hello``: five feature flags, one
+  key each, that one request sets and every worker reads at once (``GET /flags``
+  reads all five: the read-mostly request ``benchmarks/throughput.py`` loads; with
+  ``FLAGS_IN_PROCESS = True`` it reads a per-process dict instead, which is wrong,
+  as no worker sees another's change, but is the ceiling it is measured against);
 - ``GET /report``: a slow view cached with Flask-Caching on the shared state;
 - ``POST /login/<name>``, ``GET /me``, ``POST /logout``: a Flask-Session login
   that every worker sees;
@@ -39,6 +42,9 @@ from flask_sharedstate.caching import SharedStateCache
 shared = SharedState()
 cache = Cache()
 
+FLAGS = ("shout", "new_ui", "beta_search", "dark_mode", "maintenance")
+_process_flags = dict.fromkeys(FLAGS, False)  # FLAGS_IN_PROCESS: this worker's own flags
+
 
 def client_key() -> str:
     return request.headers.get("X-Api-Key") or request.remote_addr or "anonymous"
@@ -50,13 +56,17 @@ limiter = Limiter(client_key, storage_uri="sharedstate://")
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config["RATE_LIMIT"] = 10  # requests per client per minute
+    app.config["FLAGS_IN_PROCESS"] = False  # True: /flags without sharing (the ceiling)
     app.config["CACHE_TYPE"] = "flask_sharedstate.caching.SharedStateCache"
     app.config["SESSION_TYPE"] = "cachelib"
     app.config["SESSION_CACHELIB"] = SharedStateCache(key_prefix="session:")
     app.config.from_prefixed_env()  # FLASK_SHAREDSTATE_SOCKET=..., FLASK_RATE_LIMIT=...
     if config:
         app.config.update(config)
-    shared.init_app(app, defaults={"hits": 0, "cart": [], "flags": {"shout": False}})
+    shared.init_app(
+        app,
+        defaults={"hits": 0, "cart": [], **{f"flag:{name}": False for name in FLAGS}},
+    )
     limiter.init_app(app)
     cache.init_app(app)
     Session(app)
@@ -120,23 +130,33 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def jobs() -> dict[str, Any]:
         return {"cleanup_runs": shared.get("cleanup_runs", 0), "by": shared.get("cleanup_by")}
 
+    def flag(name: str) -> bool:
+        if app.config["FLAGS_IN_PROCESS"]:
+            return _process_flags[name]
+        return bool(shared.get(f"flag:{name}", False))
+
     @app.get("/flags")
-    def flags() -> dict[str, Any]:
-        return shared.get("flags", {})  # type: ignore[no-any-return]
+    def flags() -> dict[str, bool]:
+        """Five reads per request: what a read cache is for."""
+        return {name: flag(name) for name in FLAGS}
 
     @app.put("/flags/<name>")
-    @shared.atomic
-    def set_flag(name: str) -> dict[str, Any]:
+    def set_flag(name: str) -> dict[str, bool]:
+        if name not in FLAGS:
+            abort(404, f"no flag {name!r}: the flags are {', '.join(FLAGS)}")
         value = request.get_json(silent=True)
         if not isinstance(value, bool):
             abort(400, "send JSON true or false")
-        shared.dict["flags"][name] = value
-        return shared.dict["flags"]  # type: ignore[no-any-return]
+        if app.config["FLAGS_IN_PROCESS"]:
+            _process_flags[name] = value
+        else:
+            shared.set(f"flag:{name}", value)
+        return {name: value}
 
     @app.get("/hello")
     def hello() -> str:
         greeting = f"hello from worker {os.getpid()}"
-        if shared.get("flags", {}).get("shout"):
+        if flag("shout"):
             greeting = greeting.upper()
         return greeting + "\n"
 
