@@ -1,0 +1,156 @@
+"""Probes of the read cache: every write path, restarts, namespaces, threads, signals.
+
+Each probe caches a value in one worker (its own backend and read cache), changes it
+from another, and reads it in the first right after the change was acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_sharedstate import SharedState
+from flask_sharedstate.backends.client_cache import ReadCache
+
+import workers
+from conftest import pid_alive, server_pids, wait_for
+
+
+@pytest.fixture
+def socket_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "app.sock")
+
+
+@pytest.fixture
+def clients(socket_path: str) -> Iterator[list[SharedState]]:
+    """SharedStates a test makes (each its own backend, as separate workers have); closed after."""
+    made: list[SharedState] = []
+    yield made
+    for shared in made:
+        shared.state().backend.close()
+
+
+def client(clients: list[SharedState], socket_path: str, **config: Any) -> SharedState:
+    shared = workers.make_shared(socket_path, **config)
+    clients.append(shared)
+    return shared
+
+
+def cache_of(shared: SharedState) -> ReadCache:
+    cache = shared.state().backend.read_cache
+    assert cache is not None
+    return cache
+
+
+def cached(shared: SharedState, key: str, expected: Any) -> None:
+    """Read ``key`` twice: the second read is a cache hit that returns ``expected``."""
+    assert shared.get(key) == expected
+    hits = cache_of(shared).hits
+    assert shared.get(key) == expected
+    assert cache_of(shared).hits == hits + 1, "the value was not cached"
+
+
+def _call(op: str, *args: Any) -> Callable[[SharedState], Any]:
+    return lambda s: s.state().backend.call(op, *args)
+
+
+def _atomic(s: SharedState) -> None:
+    with s.atomic():
+        s.dict["k"] = s.dict["k"] + ["atomic"]
+
+
+# (name, value before, change made by the other worker, value after)
+WRITES: list[tuple[str, Any, Callable[[SharedState], Any], Any]] = [
+    ("set", ["a"], lambda s: s.set("k", ["b"]), ["b"]),
+    ("set_many", ["a"], lambda s: s.set_many({"k": ["b"], "z": 1}), ["b"]),
+    ("delete", ["a"], lambda s: s.delete("k"), None),
+    ("pop", ["a"], lambda s: s.pop("k"), None),
+    ("dict_del", ["a"], lambda s: s.dict.__delitem__("k"), None),
+    ("setdefault_absent", None, lambda s: s.setdefault("k", ["b"]), ["b"]),
+    ("incr", 1, lambda s: s.incr("k", 5), 6),
+    ("incr_float", 1.5, lambda s: s.incr("k", 1), 2.5),
+    ("compare_and_set", ["a"], lambda s: s.compare_and_set("k", ["a"], ["b"]), ["b"]),
+    ("dict_clear", ["a"], lambda s: s.dict.clear(), None),
+    ("atomic", ["a"], _atomic, ["a", "atomic"]),
+    (
+        "window_acquire",
+        None,
+        _call("window_acquire", "k", 5, 60.0, 1, 1000.0),
+        [1000.0],
+    ),
+    ("sliding_acquire", None, _call("sliding_acquire", "p", "k", 5, 1, 0.5, 60.0), 1),
+]
+
+
+@pytest.mark.parametrize("name,before,change,after", WRITES, ids=[w[0] for w in WRITES])
+def test_every_write_path_invalidates_a_cached_value(
+    socket_path: str,
+    clients: list[SharedState],
+    name: str,
+    before: Any,
+    change: Callable[[SharedState], Any],
+    after: Any,
+) -> None:
+    """A value (or an absence) cached by one worker is not served after another worker's
+    acknowledged change, whatever operation made it."""
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    if before is not None:
+        other.set("k", before)
+    cached(here, "k", before)
+    change(other)
+    assert here.get("k") == after
+    assert ("k" in here.dict) == (after is not None)
+    assert here.get_many(["k", "never"]) == {"k": after, "never": None}
+
+
+def test_expire_shorter_longer_and_without_ttl_is_honoured(
+    socket_path: str, clients: list[SharedState]
+) -> None:
+    """expire() from another worker moves the cached deadline: a value made to expire
+    sooner is absent from cached reads once that deadline passes, and one given a longer
+    ttl (or a ttl where it had none) is still served past its old deadline."""
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    other.set("short", "v", ttl=30)
+    other.set("long", "v", ttl=0.5)
+    other.set("none", "v")
+    for key in ("short", "long", "none"):
+        cached(here, key, "v")
+    assert other.expire("short", 0.5)
+    assert other.expire("long", 30)
+    assert other.expire("none", 0.5)
+    cached(here, "short", "v")
+    cached(here, "none", "v")
+    time.sleep(1.0)
+    assert here.get("short") is None
+    assert here.get("none") is None
+    assert here.get("long") == "v"
+    assert other.expire("long", None)
+    cached(here, "long", "v")
+
+
+def test_defaults_applied_by_a_new_server_are_not_hidden_by_a_cached_absence(
+    run_dir: str, socket_path: str, clients: list[SharedState]
+) -> None:
+    """A worker that cached "absent" for a default key deleted on the old server sees the
+    default again once a new (empty) server applied it."""
+    here = client(clients, socket_path)
+    app = Flask("worker_app")
+    app.config["SHAREDSTATE_SOCKET"] = socket_path
+    other = SharedState(app, defaults={"d": "default"})
+    clients.append(other)
+    assert other.get("d") == "default"
+    other.delete("d")
+    cached(here, "d", None)
+    [old] = server_pids(run_dir)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old))
+    assert other.get("x") is None  # starts the successor, which applies the default
+    assert here.get("d") == "default"
