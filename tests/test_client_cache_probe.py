@@ -154,3 +154,101 @@ def test_defaults_applied_by_a_new_server_are_not_hidden_by_a_cached_absence(
     wait_for(lambda: not pid_alive(old))
     assert other.get("x") is None  # starts the successor, which applies the default
     assert here.get("d") == "default"
+
+
+def test_threads_filling_and_evicting_a_tiny_cache_never_read_stale(run_dir: str) -> None:
+    """2 writer processes and 2 reader processes of 8 threads each, whose shared read cache
+    holds about two entries (every miss evicts): no exception, and every read keeps to
+    the acknowledged history."""
+    import json
+    import multiprocessing
+
+    import historyworkers
+    from test_read_history import violations
+
+    ctx = multiprocessing.get_context("spawn")
+    socket_path = os.path.join(run_dir, "app.sock")
+    roles = [historyworkers.writer] * 2 + [historyworkers.threaded_reader] * 2
+    barrier = ctx.Barrier(len(roles))
+    procs, outputs = [], []
+    try:
+        for i, role in enumerate(roles):
+            out = os.path.join(run_dir, f"{role.__name__}-{i}.json")
+            outputs.append(out)
+            p = ctx.Process(target=role, args=(socket_path, i, barrier, 2.0, out))
+            p.start()
+            procs.append(p)
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0, f"a history process exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    writes: list[dict[str, Any]] = []
+    reads: list[dict[str, Any]] = []
+    errors: list[str] = []
+    hits = evictions = 0
+    for out in outputs:
+        with open(out) as f:
+            data = json.load(f)
+        for record in data["records"]:
+            (writes if record["kind"] == "write" else reads).append(record)
+        errors += data.get("errors", [])
+        stats = data.get("stats", {})
+        hits += stats.get("hits", 0)
+        if "entries" in stats and "errors" in data:
+            evictions += stats["entries"] <= 3
+    print(f"{len(writes)} writes, {len(reads)} reads, {hits} hits")
+    assert errors == []
+    assert len(writes) > 100 and len(reads) > 1000, f"{len(writes)} writes, {len(reads)} reads"
+    assert hits > 100, f"only {hits} cache hits: the cache was not exercised"
+    assert evictions == 2, "a threaded reader's cache held more than three entries"
+    found = violations(writes, reads)
+    assert not found, f"{len(found)} of {len(reads)} reads broke the history:\n" + "\n".join(
+        found[:5]
+    )
+
+
+@pytest.mark.parametrize("master_reads", ["0", "1"], ids=["plain", "master-cached"])
+def test_preloaded_recycled_gunicorn_workers_never_read_stale(
+    servers: list[Any], run_dir: str, master_reads: str
+) -> None:
+    """gunicorn --preload (the master imports the app, and may read through its own read
+    cache before forking) with --max-requests recycling: after each acknowledged write,
+    concurrent reads that land on every worker, old or new, return it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servers import start_gunicorn
+
+    server = start_gunicorn(
+        run_dir,
+        "--preload",
+        "-w",
+        "3",
+        "--max-requests",
+        "15",
+        "--max-requests-jitter",
+        "5",
+        app="cacheapp:app",
+        env={"FSS_MASTER_READS": master_reads},
+    )
+    servers.append(server)
+    stale = []
+    workers_seen = set()
+    hits = 0
+    with ThreadPoolExecutor(6) as pool:
+        for i in range(60):
+            assert server.request("POST", f"/set/{i}").status == 200
+            for r in pool.map(lambda _: server.get("/get"), range(6)):
+                assert r.status == 200, r.error
+                workers_seen.add(r.worker)
+                value, worker_hits = r.body.decode().split()
+                hits = max(hits, int(worker_hits))
+                if value != str(i):
+                    stale.append((i, value, r.worker))
+    assert stale == []
+    assert hits > 0, "no read was a cache hit"
+    assert len(workers_seen) > 3, "no worker was recycled"
+    assert server.log().count("Autorestarting worker") >= 3
