@@ -355,3 +355,49 @@ def test_large_numbers_count_their_size_against_the_bounds(
             assert here.get(f"big{i}") == big + i
     assert cache.hits == 0, "a 4 KB number was kept under a 500-byte value bound"
     assert cache.stats()["entries"] == 0
+
+
+def test_writes_rolled_back_on_a_full_disk_are_never_read(run_dir: str) -> None:
+    """SHAREDSTATE_FSYNC=always on a full disk: each refused write (set, delete, atomic,
+    clear) is rolled back after its bump; the other worker reads the old value, caches it
+    again, and then sees the next write that succeeds."""
+    from flask_sharedstate import NotPersisted
+    from test_disk_full import fill, fill_last_page, mounted
+
+    with mounted(run_dir, 2 * 1024 * 1024) as disk:
+        socket_path = os.path.join(run_dir, "app.sock")
+        config = {
+            "SHAREDSTATE_PERSIST_PATH": os.path.join(disk, "state.db"),
+            "SHAREDSTATE_FSYNC": "always",
+        }
+        here = workers.make_shared(socket_path, **config)
+        other = workers.make_shared(socket_path, **config)
+        try:
+            other.set("k", "v1")
+            cached(here, "k", "v1")
+            filler = fill(disk)
+            fill_last_page(other)
+
+            def atomic_write() -> None:
+                with other.atomic():
+                    other.dict["k"] = "in a block"
+
+            refused = 0
+            for write in (
+                lambda: other.set("k", "v2"),
+                lambda: other.delete("k"),
+                atomic_write,
+                lambda: other.dict.clear(),
+            ):
+                with pytest.raises(NotPersisted):
+                    write()
+                refused += 1
+                assert here.get("k") == "v1"
+                cached(here, "k", "v1")
+            assert refused == 4
+            os.unlink(filler)
+            other.set("k", "v3")
+            assert here.get("k") == "v3"
+        finally:
+            for shared in (here, other):
+                shared.state().backend.close()
