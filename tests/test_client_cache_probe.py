@@ -401,3 +401,33 @@ def test_writes_rolled_back_on_a_full_disk_are_never_read(run_dir: str) -> None:
         finally:
             for shared in (here, other):
                 shared.state().backend.close()
+
+
+def test_cli_load_and_clear_reach_cached_values(
+    run_dir: str, socket_path: str, clients: list[SharedState]
+) -> None:
+    """`flask sharedstate load` and `clear` change what a worker cached: its next reads
+    return the loaded value, then nothing."""
+    from flask_sharedstate.cli import sharedstate
+
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    app = Flask("worker_app")
+    app.config["SHAREDSTATE_SOCKET"] = socket_path
+    SharedState(app)
+    dump = os.path.join(run_dir, "dump.json")
+    other.set("k", "from the dump")
+    other.set("t", "from the dump", ttl=60)
+    result = app.test_cli_runner().invoke(sharedstate, ["dump", dump])
+    assert result.exit_code == 0, result.output
+    other.set("k", "before")
+    other.set("t", "before")
+    cached(here, "k", "before")
+    cached(here, "t", "before")
+    result = app.test_cli_runner().invoke(sharedstate, ["load", dump])
+    assert result.exit_code == 0, result.output
+    assert here.get_many(["k", "t"]) == {"k": "from the dump", "t": "from the dump"}
+    cached(here, "k", "from the dump")
+    result = app.test_cli_runner().invoke(sharedstate, ["clear", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert here.get("k") is None and here.get("t") is None
