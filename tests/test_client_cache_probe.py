@@ -6,20 +6,30 @@ from another, and reads it in the first right after the change was acknowledged.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import historyworkers
 import pytest
 from flask import Flask
+from test_disk_full import fill, fill_last_page, mounted
+from test_read_history import violations
 
-from flask_sharedstate import SharedState
+from flask_sharedstate import NotPersisted, SharedState
 from flask_sharedstate.backends.client_cache import ReadCache
+from flask_sharedstate.cli import sharedstate
 
 import workers
 from conftest import pid_alive, server_pids, wait_for
+from servers import start_gunicorn
 
 
 @pytest.fixture
@@ -160,11 +170,6 @@ def test_threads_filling_and_evicting_a_tiny_cache_never_read_stale(run_dir: str
     """2 writer processes and 2 reader processes of 8 threads each, whose shared read cache
     holds about two entries (every miss evicts): no exception, and every read keeps to
     the acknowledged history."""
-    import json
-    import multiprocessing
-
-    import historyworkers
-    from test_read_history import violations
 
     ctx = multiprocessing.get_context("spawn")
     socket_path = os.path.join(run_dir, "app.sock")
@@ -200,7 +205,6 @@ def test_threads_filling_and_evicting_a_tiny_cache_never_read_stale(run_dir: str
         hits += stats.get("hits", 0)
         if "entries" in stats and "errors" in data:
             evictions += stats["entries"] <= 3
-    print(f"{len(writes)} writes, {len(reads)} reads, {hits} hits")
     assert errors == []
     assert len(writes) > 100 and len(reads) > 1000, f"{len(writes)} writes, {len(reads)} reads"
     assert hits > 100, f"only {hits} cache hits: the cache was not exercised"
@@ -218,9 +222,6 @@ def test_preloaded_recycled_gunicorn_workers_never_read_stale(
     """gunicorn --preload (the master imports the app, and may read through its own read
     cache before forking) with --max-requests recycling: after each acknowledged write,
     concurrent reads that land on every worker, old or new, return it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from servers import start_gunicorn
 
     server = start_gunicorn(
         run_dir,
@@ -260,7 +261,6 @@ def test_writes_lost_by_a_restart_from_the_journal_are_not_served(
     """A server restarted from a journal that lacks the last writes (a power cut under
     everysec, made here by putting back an older copy of the file): a worker that cached
     a lost value reads what the new server holds."""
-    import shutil
 
     journal = os.path.join(run_dir, "state.journal")
     here = client(clients, socket_path, SHAREDSTATE_PERSIST_PATH=journal)
@@ -313,7 +313,6 @@ def test_a_stopped_and_continued_server_keeps_reads_right(
 ) -> None:
     """SIGSTOP the server past the heartbeat bound (its heartbeat thread starved), write
     while it is stopped (the write waits), SIGCONT: the write's value is read at once."""
-    import threading
 
     here = client(clients, socket_path)
     other = client(clients, socket_path)
@@ -361,8 +360,6 @@ def test_writes_rolled_back_on_a_full_disk_are_never_read(run_dir: str) -> None:
     """SHAREDSTATE_FSYNC=always on a full disk: each refused write (set, delete, atomic,
     clear) is rolled back after its bump; the other worker reads the old value, caches it
     again, and then sees the next write that succeeds."""
-    from flask_sharedstate import NotPersisted
-    from test_disk_full import fill, fill_last_page, mounted
 
     with mounted(run_dir, 2 * 1024 * 1024) as disk:
         socket_path = os.path.join(run_dir, "app.sock")
@@ -408,7 +405,6 @@ def test_cli_load_and_clear_reach_cached_values(
 ) -> None:
     """`flask sharedstate load` and `clear` change what a worker cached: its next reads
     return the loaded value, then nothing."""
-    from flask_sharedstate.cli import sharedstate
 
     here = client(clients, socket_path)
     other = client(clients, socket_path)
@@ -431,3 +427,23 @@ def test_cli_load_and_clear_reach_cached_values(
     result = app.test_cli_runner().invoke(sharedstate, ["clear", "--yes"])
     assert result.exit_code == 0, result.output
     assert here.get("k") is None and here.get("t") is None
+
+
+def test_successor_of_a_killed_server_whose_table_was_deleted_waits_out_its_heartbeat(
+    run_dir: str, socket_path: str, clients: list[SharedState]
+) -> None:
+    """The table deleted, then the server SIGKILLed before its heartbeat thread noticed,
+    and a successor started at once (it must make a new file, which old workers never
+    map): a worker still trusting its mapping of the old file is not served the old value
+    after the successor acknowledged a new one."""
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    other.set("k", "old")
+    cached(here, "k", "old")
+    [old] = server_pids(run_dir)
+    os.unlink(socket_path + ".versions")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old))
+    other.set("k", "new")  # elects and starts the successor, on a new table file
+    assert server_pids(run_dir) != [old]
+    assert here.get("k") == "new"
