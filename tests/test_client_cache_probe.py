@@ -447,3 +447,28 @@ def test_successor_of_a_killed_server_whose_table_was_deleted_waits_out_its_hear
     other.set("k", "new")  # elects and starts the successor, on a new table file
     assert server_pids(run_dir) != [old]
     assert here.get("k") == "new"
+
+
+def test_get_many_mixing_cached_uncached_and_expiring_keys(
+    socket_path: str, clients: list[SharedState]
+) -> None:
+    """get_many over keys some cached, some never read, some at their ttl's deadline:
+    each answer is the server's, and a key past its deadline is absent, round after round."""
+    here = client(clients, socket_path)
+    other = client(clients, socket_path)
+    late = []
+    for round_ in range(8):
+        other.set_many({"a": round_, "b": [round_]})
+        other.set("t", [round_], ttl=0.15)
+        acked = time.monotonic()
+        assert here.get_many(["a", "t"]) == {"a": round_, "t": [round_]} or (
+            time.monotonic() > acked + 0.15
+        )
+        other.set("c", round_)  # never read before: uncached
+        time.sleep(max(0.0, acked + 0.15 - time.monotonic()) + 0.001)
+        got = here.get_many(["a", "b", "c", "t", "never"])
+        if got["t"] is not None:
+            late.append(round_)
+        assert (got["a"], got["b"], got["c"], got["never"]) == (round_, [round_], round_, None)
+    assert late == []
+    assert cache_of(here).hits > 0
