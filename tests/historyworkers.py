@@ -85,3 +85,52 @@ def reader(socket_path: str, rid: int, barrier: Any, seconds: float, out: str) -
     stats = cache.stats() if cache is not None else {}
     with open(out, "w") as f:
         json.dump({"records": records, "stats": stats}, f)
+
+
+def threaded_reader(
+    socket_path: str, rid: int, barrier: Any, seconds: float, out: str, threads: int = 8
+) -> None:
+    """Like ``reader``, in ``threads`` threads sharing one read cache too small for the
+    keys (every few reads evict one): exceptions are recorded as failures."""
+    import threading
+
+    shared = make_shared(socket_path, SHAREDSTATE_CLIENT_CACHE=700)
+    shared.get("warm-up")
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+
+    def run(tid: int) -> None:
+        rng = random.Random(2000 + 100 * rid + tid)
+        until = time.monotonic() + seconds
+        mine: list[dict[str, Any]] = []
+        n = 0
+        try:
+            while time.monotonic() < until and n < 200_000:
+                n += 1
+                key = rng.choice([*KEYS, TTL_KEY])
+                how = rng.random()
+                began = time.monotonic()
+                if how < 0.7:
+                    value = shared.get(key)
+                elif how < 0.8:
+                    value = [] if key in shared.dict else None
+                else:
+                    other = rng.choice(KEYS)
+                    got = shared.get_many([key, other])
+                    value = got[key]
+                ended = time.monotonic()
+                mine.append({"kind": "read", "key": key, "value": value, "t0": began, "t1": ended})
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(f"{type(exc).__name__}: {exc}")
+        records.extend(mine)
+
+    barrier.wait(60)
+    workers_ = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for t in workers_:
+        t.start()
+    for t in workers_:
+        t.join(seconds + 60)
+    cache = shared.state().backend.read_cache
+    stats = cache.stats() if cache is not None else {}
+    with open(out, "w") as f:
+        json.dump({"records": records, "stats": stats, "errors": errors}, f)

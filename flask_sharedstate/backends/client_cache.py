@@ -242,8 +242,9 @@ class ReadCache:
                     else:
                         size = len(value)
                         entry = (_PICKLED, value, slot, version, instance, deadline, size)
-                else:
-                    obj, size = value, 8
+                else:  # a number, stored as itself: an int may be any length
+                    obj = value
+                    size = 8 if type(value) is float else 8 + value.bit_length() // 8
                     entry = (obj, None, slot, version, instance, deadline, size)
                 values.append(obj)
             elif kind == 0:

@@ -41,7 +41,7 @@ from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
 from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
 from .store import LockTimeout, Session, Store
-from .versions import HEARTBEAT_INTERVAL, VersionTable, table_path
+from .versions import HEARTBEAT_BOUND, HEARTBEAT_INTERVAL, VersionTable, table_path
 
 log = logging.getLogger("flask_sharedstate.server")
 
@@ -98,6 +98,8 @@ class PidFile:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
+        #: whether a server that died without cleaning up left its pid here
+        self.left_behind = os.fstat(fd).st_size > 0
 
     @classmethod
     def claim(cls, path: str) -> PidFile | None:
@@ -170,6 +172,13 @@ class StateServer:
             # the accept loop serves anyone, so no worker trusts an old server's values.
             with self.store.cond:
                 self.store.versions = VersionTable.open(table_path(self._socket_path))
+            table = self.store.versions
+            if table is not None and table.created and pid_file and pid_file.left_behind:
+                # A server died here, and its table is gone: its workers may still map
+                # the old file, trusting it until its heartbeat is HEARTBEAT_BOUND old.
+                # No write of ours may be acknowledged before then.
+                log.warning("the version table was gone: waiting out the old one's heartbeat")
+                time.sleep(HEARTBEAT_BOUND)
         # -- connection limits
         self.descriptor_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         fit = max_connections

@@ -94,6 +94,8 @@ class VersionTable:
         self.slots = SLOTS
         #: this server's instance id (changed by clear(), under the store's lock)
         self.instance = 0
+        #: whether open() made the file (it was not there, or empty): no worker maps it
+        self.created = False
         self._seeds: dict[str, int] = {}
 
     @classmethod
@@ -117,6 +119,7 @@ class VersionTable:
                 return None
             if info.st_mode & 0o077:
                 os.fchmod(fd, 0o600)
+            created = info.st_size == 0
             size = table_size()
             if info.st_size < size:  # never shrink it: a mapping past the end faults
                 os.ftruncate(fd, size)
@@ -126,6 +129,7 @@ class VersionTable:
             os.close(fd)
             return None
         table = cls(path, fd, mapping)
+        table.created = created
         table._take_over()
         return table
 
