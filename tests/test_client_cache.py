@@ -209,16 +209,16 @@ def test_least_recently_used_go_first_within_the_bound(
     here = client(clients, socket_path, SHAREDSTATE_CLIENT_CACHE=4000)
     cache = cache_of(here)
     for name in "abcd":
-        here.set(name, [name.encode() * 1000])  # a list (kept pickled): 1,015 bytes
+        here.set(name, [[name.encode() * 1000]])  # a nested list (kept pickled): ~1,020 bytes
     for name in "abc":
         here.get(name)
     here.get("a")  # now b is the least recently used
     here.get("d")
     assert cache.size <= 4000
     hits, misses = cache.hits, cache.misses
-    assert here.get("a") == [b"a" * 1000] and here.get("d") == [b"d" * 1000]
+    assert here.get("a") == [[b"a" * 1000]] and here.get("d") == [[b"d" * 1000]]
     assert (cache.hits, cache.misses) == (hits + 2, misses)
-    assert here.get("b") == [b"b" * 1000]
+    assert here.get("b") == [[b"b" * 1000]]
     assert cache.misses == misses + 1  # b was evicted
 
 
@@ -478,3 +478,52 @@ def test_status_shows_the_hit_rate(
     assert result.exit_code == 0, result.output
     assert "read cache:  80.0% hits (8 hits, 2 misses, 1 processes)" in result.output
     assert f"pid {os.getpid()}: 80.0% hits" in result.output
+
+
+class Box:
+    """A value of a class of its own (a pickle the cache keeps as bytes)."""
+
+    def __init__(self, items: list[int]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Box) and other.items == self.items
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {f"k{i}": i for i in range(10)},
+        [1, "two", 3.0, None, b"five"],
+        {1, 2, 3},
+        {"nested": [1, 2]},
+        [[1], [2]],
+        Box([1, 2]),
+    ],
+    ids=["dict", "list", "set", "nested-dict", "nested-list", "object"],
+)
+def test_every_cached_read_is_a_fresh_copy(
+    clients: list[SharedState], socket_path: str, value: Any
+) -> None:
+    """Changing what a cached read returned changes neither the cache nor the next read,
+    however the cache keeps the value (as itself plus a copy, or as its pickle)."""
+    here = client(clients, socket_path)
+    here.set("v", value)
+    first = here.get("v")  # a miss: the entry is filled
+    hits = cache_of(here).hits
+    second = here.get("v")
+    assert cache_of(here).hits == hits + 1
+    assert first == second == value
+    assert first is not second
+    for got in (first, second):
+        if isinstance(got, dict):
+            got.setdefault("nested", []).append(9)  # type: ignore[union-attr]
+            got["new"] = 1
+        elif isinstance(got, (list, set)):
+            if isinstance(got, list) and got and isinstance(got[0], list):
+                got[0].append(9)
+            (got.append if isinstance(got, list) else got.add)(99)  # type: ignore[union-attr]
+        else:
+            got.items.append(9)
+    assert here.get("v") == value
+    assert cache_of(here).hits == hits + 2

@@ -20,9 +20,10 @@ entry only while all of these hold:
 So a read that starts after a change was acknowledged never gets the value from
 before it. Anything else is a round trip (``read_versioned``), which refills
 the entry. The table is only ever compared with: a damaged, foreign or missing
-table costs round trips, never a wrong value. Pickles are kept, and unpickled
-on every read, so every read is a fresh copy; immutable values (str, bytes,
-numbers, None) are kept as themselves. Least recently used entries go first;
+table costs round trips, never a wrong value. Every read is a fresh copy: immutable
+values (str, bytes, numbers, None) are kept as themselves; a plain dict, list
+or set of such values is kept and copied (shallow is enough); anything else is
+kept as its pickle and unpickled on every read. Least recently used entries go first;
 values over the size bound are never kept. Atomic blocks never read through
 here (``atomic.py`` uses ``txn_read``).
 """
@@ -35,6 +36,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from pickle import loads
 from typing import Any
 
@@ -51,6 +53,29 @@ _PICKLED: Any = object()
 
 #: Kept as themselves (no copy needed): values of these types cannot be changed.
 _IMMUTABLE = (str, bytes, int, float, bool, type(None))
+_SCALARS = frozenset(_IMMUTABLE)
+#: A flat container longer than this is kept as its pickle (checking it costs at each fill).
+FLAT_ITEMS = 4096
+
+
+def _flat_copy(obj: Any) -> Any:
+    """``obj.copy`` when a shallow copy of ``obj`` is a fresh copy, else None.
+
+    True of a plain dict, list or set whose keys and items are all of the immutable
+    types: what a flag set, a settings dict or a list of ids usually is. Copying it
+    costs a tenth of unpickling it.
+    """
+    kind = type(obj)
+    if kind not in (dict, list, set) or len(obj) > FLAT_ITEMS:
+        return None
+    scalars = _SCALARS
+    if kind is dict:
+        if all(type(k) in scalars for k in obj) and all(type(v) in scalars for v in obj.values()):
+            return obj.copy
+    elif all(type(v) in scalars for v in obj):
+        return obj.copy
+    return None
+
 
 #: What an entry costs beyond its key and value: the tuple, the list slot, the dict's.
 ENTRY_OVERHEAD = 200
@@ -67,8 +92,9 @@ _INSTANCE = versions.INSTANCE_WORD
 _HEARTBEAT = versions.HEARTBEAT_WORD
 _BOUND = versions.HEARTBEAT_BOUND
 
-# An entry: (value or ABSENT, pickle to load or None, slot, version, instance, deadline or None,
-# size).
+# An entry: (value or ABSENT, what makes the caller's copy or None (the value is handed out
+# itself), slot, version, instance, deadline or None, size). The maker is the pickle's loads,
+# or a flat container's own copy method.
 
 
 class _Table:
@@ -145,8 +171,8 @@ class ReadCache:
                     self.hits = hits = self.hits + 1
                     if hits >= self._next_report:
                         self._report()
-                    blob = entry[1]
-                    return entry[0] if blob is None else loads(blob)
+                    make = entry[1]
+                    return entry[0] if make is None else make()
         return self._fetch([key])[0]
 
     def contains(self, key: str) -> bool:
@@ -191,7 +217,7 @@ class ReadCache:
                 or (deadline is not None and deadline <= now)
             ):
                 return self._fetch(keys)
-        return [e[0] if e[1] is None else loads(e[1]) for e in found]
+        return [e[0] if e[1] is None else e[1]() for e in found]
 
     def _valid(self, key: str) -> tuple[Any, ...] | None:
         entry = self._entries.get(key)
@@ -239,9 +265,14 @@ class ReadCache:
                     if type(obj) in _IMMUTABLE:  # kept as itself (counted twice)
                         size = 2 * len(value)
                         entry = (obj, None, slot, version, instance, deadline, size)
+                    elif (copy := _flat_copy(obj)) is not None:  # kept, handed out as copies
+                        size = 2 * len(value)
+                        entry = (obj, copy, slot, version, instance, deadline, size)
+                        obj = copy()  # the caller's own: the kept one is never handed out
                     else:
                         size = len(value)
-                        entry = (_PICKLED, value, slot, version, instance, deadline, size)
+                        make = partial(loads, value)
+                        entry = (_PICKLED, make, slot, version, instance, deadline, size)
                 else:  # a number, stored as itself: an int may be any length
                     obj = value
                     size = 8 if type(value) is float else 8 + value.bit_length() // 8
