@@ -4,59 +4,34 @@ Each probe caches a value in one worker (its own backend and read cache), change
 from another, and reads it in the first right after the change was acknowledged.
 """
 
+# The fixtures socket_path and clients come from test_client_cache (imported, so pytest sees them).
+# ruff: noqa: F811
+
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import historyworkers
 import pytest
 from flask import Flask
+from test_client_cache import cache_of, client, clients, socket_path  # noqa: F401 - fixtures
 from test_disk_full import fill, fill_last_page, mounted
-from test_read_history import violations
+from test_read_history import run_history, violations
 
 from flask_sharedstate import NotPersisted, SharedState, SharedStateUnavailable
-from flask_sharedstate.backends.client_cache import ReadCache
 from flask_sharedstate.cli import sharedstate
 from flask_sharedstate.server import versions
 
 import workers
 from conftest import pid_alive, server_pids, wait_for
 from servers import start_gunicorn
-
-
-@pytest.fixture
-def socket_path(run_dir: str) -> str:
-    return os.path.join(run_dir, "app.sock")
-
-
-@pytest.fixture
-def clients(socket_path: str) -> Iterator[list[SharedState]]:
-    """SharedStates a test makes (each its own backend, as separate workers have); closed after."""
-    made: list[SharedState] = []
-    yield made
-    for shared in made:
-        shared.state().backend.close()
-
-
-def client(clients: list[SharedState], socket_path: str, **config: Any) -> SharedState:
-    shared = workers.make_shared(socket_path, **config)
-    clients.append(shared)
-    return shared
-
-
-def cache_of(shared: SharedState) -> ReadCache:
-    cache = shared.state().backend.read_cache
-    assert cache is not None
-    return cache
 
 
 def cached(shared: SharedState, key: str, expected: Any) -> None:
@@ -172,35 +147,11 @@ def test_threads_filling_and_evicting_a_tiny_cache_never_read_stale(run_dir: str
     holds about two entries (every miss evicts): no exception, and every read keeps to
     the acknowledged history."""
 
-    ctx = multiprocessing.get_context("spawn")
-    socket_path = os.path.join(run_dir, "app.sock")
     roles = [historyworkers.writer] * 2 + [historyworkers.threaded_reader] * 2
-    barrier = ctx.Barrier(len(roles))
-    procs, outputs = [], []
-    try:
-        for i, role in enumerate(roles):
-            out = os.path.join(run_dir, f"{role.__name__}-{i}.json")
-            outputs.append(out)
-            p = ctx.Process(target=role, args=(socket_path, i, barrier, 2.0, out))
-            p.start()
-            procs.append(p)
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0, f"a history process exited with {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-    writes: list[dict[str, Any]] = []
-    reads: list[dict[str, Any]] = []
+    writes, reads, runs = run_history(run_dir, roles, 2.0)
     errors: list[str] = []
     hits = evictions = 0
-    for out in outputs:
-        with open(out) as f:
-            data = json.load(f)
-        for record in data["records"]:
-            (writes if record["kind"] == "write" else reads).append(record)
+    for data in runs:
         errors += data.get("errors", [])
         stats = data.get("stats", {})
         hits += stats.get("hits", 0)

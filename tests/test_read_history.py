@@ -116,35 +116,9 @@ def test_no_stale_reads_across_processes(run_dir: str) -> None:
     """2 writers and 3 readers on one server for 2 s: every read (mostly cache hits) returns
     the latest write acknowledged before it began, or a newer one; a key whose ttl ran out
     is absent from cached reads as it is on the server."""
-    socket_path = os.path.join(run_dir, "app.sock")
-    barrier = ctx.Barrier(WRITERS + READERS)
-    procs = []
-    outputs = []
-    try:
-        for role, count in ((historyworkers.writer, WRITERS), (historyworkers.reader, READERS)):
-            for i in range(count):
-                out = os.path.join(run_dir, f"{role.__name__}-{i}.json")
-                outputs.append(out)
-                p = ctx.Process(target=role, args=(socket_path, i, barrier, SECONDS, out))
-                p.start()
-                procs.append(p)
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0, f"a history process exited with {p.exitcode}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-    writes: list[dict[str, Any]] = []
-    reads: list[dict[str, Any]] = []
-    hits = 0
-    for out in outputs:
-        with open(out) as f:
-            data = json.load(f)
-        for record in data["records"]:
-            (writes if record["kind"] == "write" else reads).append(record)
-        hits += data.get("stats", {}).get("hits", 0)
+    roles = [historyworkers.writer] * WRITERS + [historyworkers.reader] * READERS
+    writes, reads, runs = run_history(run_dir, roles, SECONDS)
+    hits = sum(run.get("stats", {}).get("hits", 0) for run in runs)
     assert len(writes) > 100 and len(reads) > 1000, f"{len(writes)} writes, {len(reads)} reads"
     assert hits > len(reads) // 4, f"only {hits} of {len(reads)} reads were cache hits"
     first_ttl_ack = min((w["t1"] for w in writes if w["key"] == TTL_KEY), default=float("inf"))
@@ -158,3 +132,39 @@ def test_no_stale_reads_across_processes(run_dir: str) -> None:
         f"{len(found)} of {len(reads)} reads broke the history ({len(stale)} stale values):\n"
         + "\n".join(found[:3] + stale[:3])
     )
+
+
+def run_history(
+    run_dir: str, roles: list[Any], seconds: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run each role (a historyworkers function) in a process of its own on one server
+    for ``seconds``; return the writes, the reads, and each process's whole output."""
+    socket_path = os.path.join(run_dir, "app.sock")
+    barrier = ctx.Barrier(len(roles))
+    procs = []
+    outputs = []
+    try:
+        for i, role in enumerate(roles):
+            out = os.path.join(run_dir, f"{role.__name__}-{i}.json")
+            outputs.append(out)
+            p = ctx.Process(target=role, args=(socket_path, i, barrier, seconds, out))
+            p.start()
+            procs.append(p)
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0, f"a history process exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    writes: list[dict[str, Any]] = []
+    reads: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for out in outputs:
+        with open(out) as f:
+            data = json.load(f)
+        runs.append(data)
+        for record in data["records"]:
+            (writes if record["kind"] == "write" else reads).append(record)
+    return writes, reads, runs
