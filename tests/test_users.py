@@ -215,7 +215,7 @@ def test_gunicorn_user_nobody(world_python: str, site: str, hooks: bool, folder:
         owned = [files_in, os.path.join(data, "state.db")]
         owned += [os.path.join(files_in, name) for name in os.listdir(files_in)]
         suffixes = sorted(os.path.splitext(name)[1] for name in os.listdir(files_in))
-        assert suffixes == [".key", ".lock", ".log", ".pid", ".sock"]
+        assert suffixes == [".key", ".lock", ".log", ".pid", ".sock", ".versions"]
         for path in owned:
             info = os.stat(path)
             assert (info.st_uid, info.st_mode & 0o077) == (NOBODY, 0), path
