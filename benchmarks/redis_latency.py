@@ -45,12 +45,7 @@ def main() -> int:
             "redis backend set": lambda: shared.set("n", 1),
             "redis backend incr": lambda: shared.incr("n"),
         }
-        results: dict[str, list[float]] = {name: [] for name in cases}
-        for op in cases.values():
-            timing.microseconds_per_op(op, min(args.ops, 1000))
-        for _ in range(args.rounds):
-            for name, op in cases.items():
-                results[name].append(timing.microseconds_per_op(op, args.ops))
+        results = timing.interleaved(cases, args.ops, args.rounds)
         median = {name: statistics.median(v) for name, v in results.items()}
         print(f"{args.rounds} rounds of {args.ops} operations, one client, {url}")
         print(f"{'case':24} {'µs/op':>8} {'x redis-py':>11} {'x per round':>12}")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import redis
 import timing
 from flask import Flask
+from redisserver import wait_for_ping
 
 from flask_sharedstate import SharedState
 
@@ -85,16 +86,7 @@ def tls_redis_server() -> Iterator[tuple[str, str]]:
         tls = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={folder}/ca.crt"
         deadline = time.monotonic() + 20
         for url in (plain, tls):
-            client = redis.Redis.from_url(url)
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("redis-server did not start") from None
-                    time.sleep(0.05)
-            client.close()
+            wait_for_ping(url, deadline)
         yield plain, tls
     finally:
         proc.terminate()
@@ -126,12 +118,7 @@ def main() -> int:
             cases[f"backend set {transport}"] = lambda s=shared: s.set("n", 1)
             cases[f"backend incr {transport}"] = lambda s=shared: s.incr("n")
             closers += [client.close, shared.state().backend.close]
-        results: dict[str, list[float]] = {name: [] for name in cases}
-        for op in cases.values():
-            timing.microseconds_per_op(op, min(args.ops, 1000))
-        for _ in range(args.rounds):
-            for name, op in cases.items():
-                results[name].append(timing.microseconds_per_op(op, args.ops))
+        results = timing.interleaved(cases, args.ops, args.rounds)
         median = {name: statistics.median(v) for name, v in results.items()}
         print(f"{args.rounds} rounds of {args.ops} operations, one client, one redis-server")
         print(f"{'case':20} {'TCP µs/op':>10} {'TLS µs/op':>10} {'TLS / TCP':>10}")

@@ -29,19 +29,25 @@ def redis_server() -> Iterator[str]:
     )
     try:
         url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
+        wait_for_ping(url, time.monotonic() + 20)
         yield url
     finally:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for_ping(url: str, deadline: float) -> None:
+    """Until the Redis at ``url`` answers PING; SystemExit past ``deadline`` (monotonic)."""
+    client = redis.Redis.from_url(url)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()

@@ -15,6 +15,19 @@ def microseconds_per_op(op: Callable[[], object], ops: int) -> float:
     return (time.perf_counter() - start) / ops * 1e6
 
 
+def interleaved(
+    cases: dict[str, Callable[[], object]], ops: int, rounds: int
+) -> dict[str, list[float]]:
+    """Warm each case up, then time them all in turn, ``rounds`` times: µs/op per round."""
+    for op in cases.values():
+        microseconds_per_op(op, min(ops, 1000))
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, op in cases.items():
+            results[name].append(microseconds_per_op(op, ops))
+    return results
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """The options every latency benchmark takes: --ops and --rounds."""
     result = argparse.ArgumentParser(description=doc.split("\n\n")[0])
