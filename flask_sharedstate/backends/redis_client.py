@@ -359,6 +359,17 @@ def unavailable(
         )
     elif "SSL" in text or "TLS" in text:
         hint = " The TLS handshake failed: check that the port speaks TLS (tls-port)."
+    elif address.startswith("rediss") and any(
+        sign in text for sign in ("RESET BY PEER", "ERROR 104", "CLOSED BY SERVER", "EOF")
+    ):
+        # TLS 1.3: the server checks the client's certificate after the handshake, and its
+        # refusal may arrive as a reset of the first write rather than as a TLS alert.
+        hint = (
+            " Over TLS, a connection the server drops at once usually means it refused this"
+            " client's certificate (or its absence): give ssl_certfile and ssl_keyfile (in the"
+            " URL or SHAREDSTATE_REDIS_OPTIONS), a certificate from a CA the server's"
+            " tls-ca-cert-file trusts, or check the server's tls-auth-clients."
+        )
     return SharedStateUnavailable(
         f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
         f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
