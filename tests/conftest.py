@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_sharedstate import SharedState
+from flask_sharedstate import SharedState, SharedStateUnavailable
 
 #: Every backend, the manager over TCP and Redis Cluster: the conformance suite runs on each.
 BACKENDS = ["memory", "manager", "manager-tcp", "redis", "redis-cluster"]
@@ -308,3 +308,15 @@ def procs() -> Iterator[list[Any]]:
             os.kill(p.pid, signal.SIGCONT)
             p.kill()
         p.join(10)
+
+
+def time_unanswered(
+    operations: list[tuple[str, Callable[[], Any]]], took: dict[str, float]
+) -> None:
+    """Run each operation against a Redis that does not answer: each must raise
+    SharedStateUnavailable ("did not answer"); record in ``took`` how long each took."""
+    for name, operation in operations:
+        start = time.monotonic()
+        with pytest.raises(SharedStateUnavailable, match="did not answer"):
+            operation()
+        took[name] = time.monotonic() - start
