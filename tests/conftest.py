@@ -55,6 +55,29 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def sigstop(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped.
+
+    ``kill`` returns when the signal is queued, not when the process stops: one
+    thread takes it and only then stops the others, so on a loaded machine another
+    thread can still answer a request sent right after ``kill``.
+    """
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{thread}/stat") as f:
+                    state = f.read().rsplit(") ", 1)[1][0]
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+            if state not in "Tt":
+                return False
+        return True
+
+    wait_for(all_stopped, timeout, interval=0.001)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
     """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

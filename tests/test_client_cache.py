@@ -18,7 +18,7 @@ from flask_sharedstate.cli import sharedstate
 from flask_sharedstate.server import versions
 
 import workers
-from conftest import make_app, pid_alive, server_pids, wait_for
+from conftest import make_app, pid_alive, server_pids, sigstop, wait_for
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_stopped_server_is_noticed_within_the_heartbeat_bound(
     here.set("k", "v")
     assert here.get("k") == "v"
     pid = the_server(run_dir)
-    os.kill(pid, signal.SIGSTOP)
+    sigstop(pid)
     try:
         time.sleep(versions.HEARTBEAT_BOUND + 1.0)  # generous: the bound is 1 s
         with pytest.raises(SharedStateUnavailable):

@@ -30,7 +30,7 @@ from flask_sharedstate.cli import sharedstate
 from flask_sharedstate.server import versions
 
 import workers
-from conftest import pid_alive, server_pids, wait_for
+from conftest import pid_alive, server_pids, sigstop, wait_for
 from servers import start_gunicorn
 
 
@@ -272,7 +272,7 @@ def test_a_stopped_and_continued_server_keeps_reads_right(
     cached(here, "k", "before")
     [pid] = server_pids(run_dir)
     acked = threading.Event()
-    os.kill(pid, signal.SIGSTOP)
+    sigstop(pid)
     try:
         writer = threading.Thread(target=lambda: (other.set("k", "after"), acked.set()))
         writer.start()

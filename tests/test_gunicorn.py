@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import pid_alive, server_pids, wait_for
+from conftest import pid_alive, server_pids, sigstop, wait_for
 from servers import ROOT, LoadProgress, Server, start_gunicorn
 
 CONF = os.path.join(ROOT, "example_app", "gunicorn.conf.py")
@@ -330,7 +330,7 @@ def test_stopped_state_server_fails_fast_then_recovers(servers: list[Server], ru
     )
     assert server.get("/").status == 200
     (state_server,) = server_pids(run_dir)
-    os.kill(state_server, signal.SIGSTOP)
+    sigstop(state_server)
     try:
         responses = server.load([("GET", "/", None)] * 4, concurrency=4)
     finally:

@@ -26,7 +26,7 @@ from flask_sharedstate.server import protocol
 from flask_sharedstate.server.processes import start_time as process_start_time
 
 import workers
-from conftest import free_port, make_app, pid_alive, wait_for
+from conftest import free_port, make_app, pid_alive, sigstop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ctx = multiprocessing.get_context("spawn")
@@ -397,7 +397,7 @@ def call_stopped(server: Server, timeout: float, call: Any, limit: float) -> tup
     thread.start()
     try:
         assert connected.wait(30)
-        os.kill(server.pid, signal.SIGSTOP)
+        sigstop(server.pid)
         stopped.set()
         thread.join(limit)
         return outcome.get("seconds"), outcome.get("error")

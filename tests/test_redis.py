@@ -17,7 +17,15 @@ import redis as redis_client
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 
-from conftest import free_port, make_app, start_redis, stop_process, time_unanswered, wait_for
+from conftest import (
+    free_port,
+    make_app,
+    sigstop,
+    start_redis,
+    stop_process,
+    time_unanswered,
+    wait_for,
+)
 from servers import Server, start_gunicorn
 
 
@@ -208,7 +216,7 @@ def test_stopped_redis_fails_each_operation_within_the_timeout(
     fresh = SharedState(fresh_app, defaults={"d": 1})
     assert shared.incr("n") == 1  # connected
     proc = own_redis["proc"]
-    proc.send_signal(signal.SIGSTOP)
+    sigstop(proc.pid)
     took: dict[str, float] = {}
     try:
         time_unanswered(

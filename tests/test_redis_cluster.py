@@ -21,7 +21,7 @@ import redis as redis_client
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 from flask_sharedstate.backends.redis_cluster import parse_url
 
-from conftest import cluster_ports, cluster_procs, free_port, make_app, time_unanswered
+from conftest import cluster_ports, cluster_procs, free_port, make_app, sigstop, time_unanswered
 
 
 class Cluster:
@@ -309,7 +309,7 @@ def test_stopped_master_fails_each_operation_within_the_timeout(
     took: dict[str, float] = {}
     # Stopped for a few seconds only: well under cluster-node-timeout (15 s), so
     # the other masters never mark it failed and the session's cluster stays ok.
-    proc.send_signal(signal.SIGSTOP)
+    sigstop(proc.pid)
     try:
         time_unanswered(
             [
