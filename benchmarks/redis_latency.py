@@ -43,7 +43,9 @@ def cases(url: str) -> Iterator[dict[str, Callable[[], object]]]:
     """The six cases on the Redis at ``url``: redis-py's commands, then the backend's."""
     client = redis.Redis.from_url(url)
     app = Flask("benchmark")
-    app.config.update(SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url, SECRET_KEY="benchmark")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=url, SECRET_KEY="benchmark"
+    )
     shared = SharedState(app)
     client.set("plain", 0)
     shared.set("n", 0)
