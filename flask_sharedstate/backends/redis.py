@@ -36,6 +36,7 @@ connection; a lock or atomic wait adds the wait asked for.
 from __future__ import annotations
 
 import hmac
+import inspect
 import os
 import pickle
 import re
@@ -208,8 +209,8 @@ class RedisBackend(Backend):
             version = tuple(int(n) for n in re.findall(r"\d+", redis.__version__)[:2])
             if version < (5, 3):  # (the command's name is required there, unused)
                 self._get_connection = lambda: pool.get_connection("EVALSHA")
-            else:  # (and deprecated since)
-                self._get_connection = pool.get_connection
+            else:  # (and deprecated since: a wrapper warns of arguments; none are given)
+                self._get_connection = inspect.unwrap(type(pool).get_connection).__get__(pool)
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
         self._renewer = _LeaseRenewer(self._renew, lease)

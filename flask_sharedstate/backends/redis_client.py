@@ -284,8 +284,10 @@ def connect(
                     # Sentinels down: the connection's own connect says so if it must
                     # connect; meanwhile do not make a request wait on them each second.
                     self._checked = now + 10 * SENTINEL_CHECK
-            return super().get_connection(*args, **kwargs)
+            # (redis-py's, without the wrapper that warns of arguments since 5.3.)
+            return get_connection(self, *args, **kwargs)
 
+    get_connection = inspect.unwrap(SentinelConnectionPool.get_connection)
     sentinels, service, db, auth = _sentinel_parts(url)
     for name, values in parse_qs(urlsplit(url).query).items():
         parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
