@@ -36,8 +36,10 @@ connection; a lock or atomic wait adds the wait asked for.
 from __future__ import annotations
 
 import hmac
+import inspect
 import os
 import pickle
+import re
 import threading
 import time
 import uuid
@@ -194,6 +196,21 @@ class RedisBackend(Backend):
         self._txn = tag + "txn"
         self._applied = tag + "defaults"
         self._scripts = {name: self.client.register_script(body) for name, body in SCRIPTS.items()}
+        #: EVALSHA and the script's SHA1, packed, by name (see _pack)
+        self._evalsha = {
+            name: b"$7\r\nEVALSHA\r\n$40\r\n" + script.sha.encode() + b"\r\n"
+            for name, script in self._scripts.items()
+        }
+        #: one server's connection pool, for the direct path (_send); None: a cluster
+        self._pool: Any = None
+        self._get_connection: Callable[[], Any] = lambda: None
+        if isinstance(self.client, redis.Redis):
+            pool = self._pool = self.client.connection_pool
+            version = tuple(int(n) for n in re.findall(r"\d+", redis.__version__)[:2])
+            if version < (5, 3):  # (the command's name is required there, unused)
+                self._get_connection = lambda: pool.get_connection("EVALSHA")
+            else:  # (and deprecated since: a wrapper warns of arguments; none are given)
+                self._get_connection = inspect.unwrap(type(pool).get_connection).__get__(pool)
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
         self._renewer = _LeaseRenewer(self._renew, lease)
@@ -290,16 +307,56 @@ class RedisBackend(Backend):
     def _eval(self, name: str, keys: list[str], args: Any) -> Any:
         """Run a script: one EVALSHA; loaded first only when Redis answers NOSCRIPT.
 
-        EVALSHA goes straight to ``execute_command``, as redis-py's
+        On one server, EVALSHA is packed here and sent on a pooled connection
+        (:meth:`_send`); on a cluster it goes to ``execute_command``, as redis-py's
         ``Script.__call__`` does after its per-call copies and checks.
         """
         script = self._scripts[name]
-        command: Any = self.client.execute_command
+        if self._pool is None:
+            command: Any = self.client.execute_command
+            try:
+                return command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except self._redis.exceptions.NoScriptError:  # a new, restarted or flushed Redis
+                self.client.script_load(script.script)
+                return command("EVALSHA", script.sha, len(keys), *keys, *args)
+        count = str(len(keys)).encode()
+        packed = _pack(
+            3 + len(keys) + len(args),
+            self._evalsha[name] + b"$%d\r\n%s\r\n" % (len(count), count),
+            (*keys, *args),
+        )
         try:
-            return command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return self._send(packed)
         except self._redis.exceptions.NoScriptError:  # a new, restarted or flushed Redis
-            script.sha = self.client.script_load(script.script)
-            return command("EVALSHA", script.sha, len(keys), *keys, *args)
+            self.client.script_load(script.script)  # (its SHA1 is the same)
+            return self._send(packed)
+
+    def _send(self, packed: bytes) -> Any:
+        """One command (packed) on a connection of the pool: its reply, as read.
+
+        What redis-py's ``execute_command`` does, without what it adds for
+        commands the backend does not send (retries: there are none; reply
+        callbacks; per-command metrics). The pool's ``get_connection`` is kept
+        whole: fork safety (a child opens its own connections), Sentinel's
+        master discovery, and its check that an idle connection has nothing to
+        read (else it reconnects), which also notices one that Redis closed
+        (a restart) before a write is sent on it. A connection that failed in
+        any way but a Redis error reply (whose reply was read whole) is
+        disconnected before it goes back to the pool: no later command can
+        read a reply that was not its own.
+        """
+        pool = self._pool
+        connection = self._get_connection()
+        try:
+            connection.send_packed_command((packed,))
+            return connection.read_response()
+        except self._redis.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
 
     def _run(self, name: str, keys: list[str], args: Any, timeout: float | None = None) -> Any:
         """Run a script; while it answers 'blocked', wait and try again until the timeout."""
@@ -404,7 +461,9 @@ class RedisBackend(Backend):
     # -- the operations (as in server/store.py's Session) -------------------------
 
     def op_get(self, key: str) -> Packed | None:
-        return self._decode(key, self.client.get(self._key(key)))
+        if self._pool is None:
+            return self._decode(key, self.client.get(self._key(key)))
+        return self._decode(key, self._send(_pack(2, b"$3\r\nGET\r\n", (self._prefix + key,))))
 
     def op_contains(self, key: str) -> bool:
         return bool(self.client.exists(self._key(key)))
@@ -415,8 +474,8 @@ class RedisBackend(Backend):
         values = self.client.mget([self._key(k) for k in keys])
         return [self._decode(k, v) for k, v in zip(keys, values, strict=True)]
 
-    # set and incr send a ttl only when there is one: redis-py spends 3k-8k CPU
-    # instructions packing each argument (valgrind), a few percent of a call.
+    # set and incr send a ttl only when there is one: one argument fewer to pack
+    # and for the script to read.
 
     def op_set(self, key: str, value: Packed, ttl: float | None = None) -> None:
         if ttl is None:
@@ -620,6 +679,22 @@ class RedisBackend(Backend):
 
     def op_txn_abort(self) -> None:
         self._eval("txn_abort", [self._txn], [self._token()])
+
+
+def _pack(count: int, head: bytes, args: tuple[Any, ...]) -> bytes:
+    """A command of ``count`` arguments in Redis's protocol: ``head`` (already packed),
+    then ``args``, each bytes, str (UTF-8) or int, as redis-py's encoder writes them."""
+    parts = [b"*%d\r\n" % count, head]
+    for arg in args:
+        if type(arg) is not bytes:
+            if type(arg) is str:
+                arg = arg.encode()
+            elif type(arg) is int:
+                arg = b"%d" % arg
+            else:
+                raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
 
 
 def _raw_eval(connection: Any, script: str, keys: list[str], args: list[Any]) -> Any:

@@ -61,6 +61,10 @@ OWNED: dict[str, str] = {
     "encoding": "values are bytes (signed pickles and numbers)",
     "encoding_errors": "values are bytes (signed pickles and numbers)",
     "protocol": "replies are read as RESP2",
+    "maint_notifications_config": (
+        "they need RESP3, and redis-py skips its check that a pooled connection holds no"
+        " unread reply while they are on"
+    ),
     "connection_pool": "the backend builds its own pool",
     "connection_class": "the URL's scheme chooses it",
     "single_connection_client": "each thread needs its own connection",
@@ -241,6 +245,7 @@ def connect(
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
+            **unchecked(),
         }
 
     extra = dict(options)
@@ -279,8 +284,10 @@ def connect(
                     # Sentinels down: the connection's own connect says so if it must
                     # connect; meanwhile do not make a request wait on them each second.
                     self._checked = now + 10 * SENTINEL_CHECK
-            return super().get_connection(*args, **kwargs)
+            # (redis-py's, without the wrapper that warns of arguments since 5.3.)
+            return get_connection(self, *args, **kwargs)
 
+    get_connection = inspect.unwrap(SentinelConnectionPool.get_connection)
     sentinels, service, db, auth = _sentinel_parts(url)
     for name, values in parse_qs(urlsplit(url).query).items():
         parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
@@ -292,6 +299,21 @@ def connect(
     return manager.master_for(  # type: ignore[no-untyped-call]
         service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
     )
+
+
+def unchecked() -> dict[str, Any]:
+    """Maintenance notifications off (redis-py 7 and later; they need RESP3 anyway).
+
+    While they are on (``"auto"``, redis-py 8's default on TCP), the pool lends an
+    idle connection even when it holds a reply nobody read (a caller interrupted
+    between a command and its reply): the next command would read that reply as
+    its own. Off, the pool finds it and reconnects.
+    """
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py before 7: nothing to turn off
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 def unavailable(

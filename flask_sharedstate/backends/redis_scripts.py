@@ -1,7 +1,8 @@
 """The Lua scripts of the ``redis`` backend: one per operation that must be one step.
 
 Each runs atomically in Redis, so an operation is one round trip (``EVALSHA``,
-through redis-py's :meth:`~redis.Redis.register_script`). ``KEYS[1]`` of every
+packed by the backend and sent on a pooled connection; the script is loaded
+only when Redis answers NOSCRIPT). ``KEYS[1]`` of every
 single-step write is the namespace's atomic block (``{ns}:txn``): a hash of its
 ``owner`` token and a ``c:KEY`` field for each key it has claimed. A write
 first answers ``{'blocked'}`` if that block claims one of its keys; the client
