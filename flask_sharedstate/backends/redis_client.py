@@ -245,6 +245,7 @@ def connect(
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
+            "protocol": 2,  # (redis-py 8 speaks RESP3 unless told: one reply format for all)
             **unchecked(),
         }
 

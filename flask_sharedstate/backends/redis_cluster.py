@@ -126,6 +126,8 @@ def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
     )
     from redis.retry import Retry
 
+    from .redis_client import unchecked
+
     class SlotUnavailable(redis.TimeoutError):
         """The cluster kept refusing a command (not run) until the timeout."""
 
@@ -176,6 +178,8 @@ def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
             retry=Retry(NoBackoff(), 0),
             # Called after redis-py's own handshake on every new connection.
             redis_connect_func=connected,
+            protocol=2,
+            **unchecked(),
             **options,
         )
     except RedisClusterException as exc:
