@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import pid_alive, wait_for
+from conftest import kill_servers, pid_alive, wait_for
 from servers import ROOT, TESTS, Server, start_gunicorn
 
 BACKENDS = ["manager", "redis"]
@@ -63,29 +65,38 @@ class Site:
             return [f.result(timeout=300) for f in futures]
 
 
-@pytest.fixture(params=BACKENDS)
-def site(request: pytest.FixtureRequest, servers: list[Server], run_dir: str) -> Iterator[Site]:
-    """integrationapp under gunicorn -w 4 (gthread, 4 threads) on one backend."""
-    env = {"FLASK_SHAREDSTATE_BACKEND": request.param}
+@pytest.fixture(scope="module", params=BACKENDS)
+def site(request: pytest.FixtureRequest) -> Iterator[Site]:
+    """integrationapp under gunicorn -w 4 (gthread, 4 threads) on one backend, shared by
+    this module's tests (each uses routes and counters of its own; the leader test,
+    which kills a worker, runs last): one gunicorn start per backend, not per test."""
+    folder = tempfile.mkdtemp(prefix="fss-", dir="/tmp")
+    env = {"FLASK_SHAREDSTATE_BACKEND": request.param, "XDG_RUNTIME_DIR": folder}
     if request.param == "redis":
         env["FLASK_SHAREDSTATE_REDIS_URL"] = request.getfixturevalue("redis_url")
-        env["FLASK_SHAREDSTATE_NAMESPACE"] = f"integrations-{os.path.basename(run_dir)}"
+        env["FLASK_SHAREDSTATE_NAMESPACE"] = f"integrations-{os.path.basename(folder)}"
         env["FLASK_SHAREDSTATE_LEASE"] = "2"
-    server = start_gunicorn(
-        run_dir,
-        "-c",
-        os.path.join(TESTS, "integration_gunicorn.py"),
-        "-w",
-        "4",
-        "--threads",
-        "4",
-        "--timeout",
-        "60",
-        app="integrationapp:app",
-        env=env,
-    )
-    servers.append(server)
-    yield Site(server, env)
+    server = None
+    try:
+        server = start_gunicorn(
+            folder,
+            "-c",
+            os.path.join(TESTS, "integration_gunicorn.py"),
+            "-w",
+            "4",
+            "--threads",
+            "4",
+            "--timeout",
+            "60",
+            app="integrationapp:app",
+            env=env,
+        )
+        yield Site(server, env)
+    finally:
+        if server is not None and not server.stopped:
+            server.stop(signal.SIGKILL)
+        kill_servers(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def statuses(responses: list[Any]) -> Counter[int]:
