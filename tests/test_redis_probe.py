@@ -124,6 +124,7 @@ def silent_listener() -> Iterator[int]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
+    listener.settimeout(0.05)  # (closing it would not wake a blocked accept)
     held: list[socket.socket] = []
     stop = threading.Event()
 
@@ -131,6 +132,8 @@ def silent_listener() -> Iterator[int]:
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             held.append(conn)
@@ -139,10 +142,10 @@ def silent_listener() -> Iterator[int]:
     thread.start()
     yield listener.getsockname()[1]
     stop.set()
+    thread.join(5)
     listener.close()
     for conn in held:
         conn.close()
-    thread.join(5)
 
 
 def test_sentinels_that_never_answer_fail_a_read_once_and_say_how_long(
