@@ -522,6 +522,37 @@ def test_a_process_that_only_hits_reports_its_counts(
     assert "read cache:  85.7% hits (6 hits, 1 misses, 1 processes)" in result.output
 
 
+def test_one_shared_state_on_two_apps_reads_each_apps_own_values(
+    run_dir: str, clients: list[SharedState]
+) -> None:
+    """The app factory pattern: cached reads of one SharedState in turn in two apps'
+    contexts (and outside any) each read their own app's value."""
+    shared = SharedState()
+    one = make_app("manager", run_dir, name="one")
+    two = make_app("manager", run_dir, name="two")
+    shared.init_app(one)
+    shared.init_app(two)
+    try:
+        for app, who in ((one, "one"), (two, "two")):
+            with app.app_context():
+                shared.set("who", who)
+                assert shared.state().cache is not None
+        for _ in range(3):  # the first of each a miss, then hits
+            for app, who in ((one, "one"), (two, "two")):
+                with app.app_context():
+                    assert shared.get("who") == who
+                    assert shared.dict["who"] == who
+                    assert "who" in shared.dict
+                    assert shared.get("only " + who) is None
+        for app in (one, two):
+            assert app.extensions["sharedstate"].cache.hits >= 6
+        with pytest.raises(RuntimeError, match="outside of application context"):
+            shared.get("who")  # the last app's state is never used outside its context
+    finally:
+        for app in (one, two):
+            app.extensions["sharedstate"].backend.close()
+
+
 class Box:
     """A value of a class of its own (a pickle the cache keeps as bytes)."""
 
