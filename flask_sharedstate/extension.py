@@ -27,16 +27,17 @@ from .operations import MISSING, Direct, Operations, check_timeout
 F = TypeVar("F", bound=Callable[..., Any])
 
 try:
-    # The app context's own variable: a cached read costs about a microsecond, and
+    # The app context's own variable: a cached read costs under a microsecond, and
     # has_app_context() plus current_app would be a third of it. Private to Flask
-    # (2.2 and later), so only a shortcut: without it, the public way.
+    # (2.2 and later), so only a shortcut: without it, the public way. Called as
+    # _app_context(None): the current AppContext, or None.
     from flask.globals import _cv_app
 
-    _app_context: Callable[[], Any] = functools.partial(_cv_app.get, None)
+    _app_context: Callable[[Any], Any] = _cv_app.get
 except ImportError:  # pragma: no cover - a Flask without it
 
-    def _app_context() -> Any:
-        return None
+    def _app_context(default: Any) -> Any:
+        return default
 
 
 _leaders_lock = threading.Lock()
@@ -107,6 +108,8 @@ class SharedState:
 
     def __init__(self, app: Flask | None = None, *, defaults: Mapping[str, Any] | None = None):
         self._app: Flask | None = None
+        #: (app, its AppState) that state() found last: the short paths' shortcut
+        self._last: tuple[Flask | None, AppState | None] = (None, None)
         self.dict: SharedDict = SharedDict(self)
         self.lock: GlobalLock = GlobalLock(self)
         if app is not None:
@@ -153,7 +156,7 @@ class SharedState:
 
     def state(self) -> AppState:
         """The :class:`AppState` of the current app (or of the app given to the constructor)."""
-        context = _app_context()
+        context = _app_context(None)
         if context is not None:
             app = context.app
         elif has_app_context():
@@ -166,13 +169,15 @@ class SharedState:
                 " or an 'app.app_context()', or pass the app to SharedState(app)."
             )
         try:
-            return app.extensions["sharedstate"]  # type: ignore[no-any-return]
+            state: AppState = app.extensions["sharedstate"]
         except KeyError:
             raise RuntimeError(
                 "The current Flask app is not registered with this 'SharedState' instance."
                 " Did you forget to call 'init_app', or create multiple 'SharedState'"
                 " instances?"
             ) from None
+        self._last = (app, state)  # one tuple: a thread never sees one app with another's state
+        return state
 
     def _ops(self) -> Operations:
         return self.state().operations()
@@ -181,7 +186,12 @@ class SharedState:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (a copy), or ``default``."""
-        state = self.state()
+        # state(), its usual case inlined: the call and app.extensions would be a sixth
+        # of a cached read.
+        context = _app_context(None)
+        app, state = self._last
+        if context is None or context.app is not app or state is None:
+            state = self.state()  # another app; outside an app context; or the app's error
         cache = state.cache
         if cache is not None and key.__class__ is str and state.transaction.get() is None:
             value = cache.get(key)  # the read cache's short way; the same answer
@@ -448,7 +458,11 @@ class SharedDict(MutableMapping[str, Any]):
         self._shared = shared
 
     def __getitem__(self, key: str) -> Any:
-        state = self._shared.state()
+        shared = self._shared
+        context = _app_context(None)  # shared.state(), inlined as in SharedState.get
+        app, state = shared._last
+        if context is None or context.app is not app or state is None:
+            state = shared.state()
         cache = state.cache
         if cache is not None and key.__class__ is str and state.transaction.get() is None:
             value = cache.get(key)  # the read cache's short way; the same answer
@@ -468,7 +482,11 @@ class SharedDict(MutableMapping[str, Any]):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        state = self._shared.state()
+        shared = self._shared
+        context = _app_context(None)  # shared.state(), inlined as in SharedState.get
+        app, state = shared._last
+        if context is None or context.app is not app or state is None:
+            state = shared.state()
         cache = state.cache
         if cache is not None and key.__class__ is str and state.transaction.get() is None:
             return cache.contains(key)

@@ -222,6 +222,29 @@ def test_least_recently_used_go_first_within_the_bound(
     assert cache.misses == misses + 1  # b was evicted
 
 
+def test_a_key_hit_again_after_a_fill_is_the_most_recent_again(
+    socket_path: str, clients: list[SharedState]
+) -> None:
+    """A hit of the key hit last, after another key went in behind it, moves it to the end."""
+    here = client(clients, socket_path, SHAREDSTATE_CLIENT_CACHE=4000)
+    cache = cache_of(here)
+    for name in "abcd":
+        here.set(name, [[name.encode() * 1000]])  # a nested list (kept pickled): ~1,020 bytes
+    here.get("a")
+    here.get("a")  # a hit: a is the key last moved to the end
+    here.get("b")  # b goes in after a
+    here.get("c")
+    hits = cache.hits
+    here.get("a")  # a hit again: a must become the most recent, though a hit of it was last
+    assert cache.hits == hits + 1
+    here.get("d")  # evicts the least recently used: b, not a
+    misses = cache.misses
+    assert here.get("a") == [[b"a" * 1000]]
+    assert cache.misses == misses  # a was kept
+    assert here.get("b") == [[b"b" * 1000]]
+    assert cache.misses == misses + 1  # b was evicted
+
+
 def test_values_over_the_bound_are_never_cached(
     socket_path: str, clients: list[SharedState]
 ) -> None:
@@ -478,6 +501,56 @@ def test_status_shows_the_hit_rate(
     assert result.exit_code == 0, result.output
     assert "read cache:  80.0% hits (8 hits, 2 misses, 1 processes)" in result.output
     assert f"pid {os.getpid()}: 80.0% hits" in result.output
+
+
+def test_a_process_that_only_hits_reports_its_counts(
+    run_dir: str, socket_path: str, clients: list[SharedState]
+) -> None:
+    """Hits alone report the counts too, at most once a second: status is never long behind."""
+    here = client(clients, socket_path)
+    here.set("k", 1)
+    for _ in range(6):  # a miss (which reports 0 hits, 1 miss), then 5 hits
+        here.get("k")
+    time.sleep(1.1)  # a report is due again
+    here.get("k")  # a hit: reports 6 hits, 1 miss
+    assert cache_of(here).stats()["hits"] == 6
+    app = Flask("worker_app")
+    app.config["SHAREDSTATE_SOCKET"] = socket_path
+    SharedState(app)
+    result = app.test_cli_runner().invoke(sharedstate, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "read cache:  85.7% hits (6 hits, 1 misses, 1 processes)" in result.output
+
+
+def test_one_shared_state_on_two_apps_reads_each_apps_own_values(
+    run_dir: str, clients: list[SharedState]
+) -> None:
+    """The app factory pattern: cached reads of one SharedState in turn in two apps'
+    contexts (and outside any) each read their own app's value."""
+    shared = SharedState()
+    one = make_app("manager", run_dir, name="one")
+    two = make_app("manager", run_dir, name="two")
+    shared.init_app(one)
+    shared.init_app(two)
+    try:
+        for app, who in ((one, "one"), (two, "two")):
+            with app.app_context():
+                shared.set("who", who)
+                assert shared.state().cache is not None
+        for _ in range(3):  # the first of each a miss, then hits
+            for app, who in ((one, "one"), (two, "two")):
+                with app.app_context():
+                    assert shared.get("who") == who
+                    assert shared.dict["who"] == who
+                    assert "who" in shared.dict
+                    assert shared.get("only " + who) is None
+        for app in (one, two):
+            assert app.extensions["sharedstate"].cache.hits >= 6
+        with pytest.raises(RuntimeError, match="outside of application context"):
+            shared.get("who")  # the last app's state is never used outside its context
+    finally:
+        for app in (one, two):
+            app.extensions["sharedstate"].backend.close()
 
 
 class Box:

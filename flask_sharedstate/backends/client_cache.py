@@ -80,10 +80,9 @@ def _flat_copy(obj: Any) -> Any:
 #: What an entry costs beyond its key and value: the tuple, the list slot, the dict's.
 ENTRY_OVERHEAD = 200
 
-#: A process reports its counts (for ``flask sharedstate status``) with a miss at most once
-#: every REPORT_INTERVAL seconds, and by a call of its own every REPORT_EVERY hits.
+#: A process reports its counts (for ``flask sharedstate status``) at most once every
+#: REPORT_INTERVAL seconds: with a miss, or by a call of its own at a hit.
 REPORT_INTERVAL = 1.0
-REPORT_EVERY = 1 << 14
 
 #: A table found missing or not matching the server is looked for again at most this often.
 REOPEN_INTERVAL = 1.0
@@ -141,10 +140,16 @@ class ReadCache:
         self.capacity = capacity
         self.max_value = max_value
         self._entries: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        # Its methods a hit calls, bound once: looking them up cost a twentieth of a hit.
+        self._entry = self._entries.get
+        self._to_end = self._entries.move_to_end
+        #: the key a hit moved to the end last, or None (an entry went in after it): a hit
+        #: of it again moves nothing. Threads hitting at once may leave it wrong: then one
+        #: key is a little less recent than it should be, which bounds nothing.
+        self._recent: str | None = None
         self.size = 0
         self.hits = 0
         self.misses = 0
-        self._next_report = REPORT_EVERY
         self._report_due = 0.0
         self._lock = threading.Lock()  # for filling and evicting; hits take no lock
         self._table: _Table | None = None
@@ -157,23 +162,26 @@ class ReadCache:
 
     def get(self, key: str) -> Any:
         """The value of ``key`` (a fresh copy) or ABSENT; a round trip unless still valid."""
-        # _valid, inlined: the call would cost a tenth of a hit.
-        entry = self._entries.get(key)
+        # _valid, inlined: the call would cost a tenth of a hit. A local: an attribute
+        # that is no method, called as one, costs a lookup of its class each time.
+        lookup = self._entry
+        entry = lookup(key)
         if entry is not None:
+            value, make, slot, version, instance, deadline, _ = entry
             words = self._words
-            if words[entry[2]] == entry[3] and words[_INSTANCE] == entry[4]:
+            if words[slot] == version and words[_INSTANCE] == instance:
                 now = monotonic()
-                deadline = entry[5]
                 if self._floats[_HEARTBEAT] > now - _BOUND and (deadline is None or deadline > now):
-                    try:
-                        self._entries.move_to_end(key)
-                    except KeyError:  # evicted by another thread meanwhile: still valid
-                        pass
-                    self.hits = hits = self.hits + 1
-                    if hits >= self._next_report:
+                    if key is not self._recent:  # else it is the most recent already
+                        self._recent = key
+                        try:
+                            self._to_end(key)
+                        except KeyError:  # evicted by another thread meanwhile: still valid
+                            pass
+                    self.hits += 1
+                    if now >= self._report_due:
                         self._report()
-                    make = entry[1]
-                    return entry[0] if make is None else make()
+                    return value if make is None else make()
         return self._fetch([key])[0]
 
     def contains(self, key: str) -> bool:
@@ -219,12 +227,14 @@ class ReadCache:
         deadline = entry[5]
         if self._floats[_HEARTBEAT] <= now - _BOUND or (deadline is not None and deadline <= now):
             return None
-        try:
-            self._entries.move_to_end(key)
-        except KeyError:
-            pass
-        self.hits = hits = self.hits + 1
-        if hits >= self._next_report:
+        if key is not self._recent:
+            self._recent = key
+            try:
+                self._to_end(key)
+            except KeyError:
+                pass
+        self.hits += 1
+        if now >= self._report_due:
             self._report()
         return entry
 
@@ -289,6 +299,7 @@ class ReadCache:
                     return  # no table of that server's here: nothing may be kept
             end = versions.HEADER_WORDS + self._table.slots  # type: ignore[union-attr]
             entries, max_value = self._entries, self.max_value
+            self._recent = None  # what goes in goes after it
             for key, entry in keep:
                 old = entries.pop(key, None)
                 if old is not None:
@@ -315,11 +326,13 @@ class ReadCache:
             return  # round trips until it is there and sound
         self._entries.clear()  # they were checked against the old table
         self.size = 0
+        self._recent = None
         self._table, self._words, self._floats = table, table.words, table.floats
 
     def _report(self) -> None:
         """Tell the server this process's counts (for ``status``); never fails a read."""
-        self._next_report = self.hits + REPORT_EVERY
+        if self._pid != os.getpid():  # a forked child's first hit: not the parent's counts
+            self._forked()
         self._report_due = monotonic() + REPORT_INTERVAL
         try:
             self._backend.call("read_versioned", [], 0, (os.getpid(), self.hits, self.misses))
@@ -331,7 +344,6 @@ class ReadCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
-        self._next_report = REPORT_EVERY
         self._report_due = 0.0
 
     def clear(self) -> None:
@@ -339,6 +351,7 @@ class ReadCache:
         with self._lock:
             self._entries.clear()
             self.size = 0
+            self._recent = None
 
     def stats(self) -> dict[str, int]:
         return {
