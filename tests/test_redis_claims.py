@@ -35,6 +35,8 @@ class Forwarder:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cut_off = False
+        self.mute = False  # Redis's replies dropped (requests still go through)
+        self.muted = 0  # bytes of replies dropped
         self.refused = 0  # connections closed at once while cut
         self.stopping = False
         self.lock = threading.Lock()
@@ -69,6 +71,9 @@ class Forwarder:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is b and self.mute:
+                        self.muted += len(data)
+                        continue
                     (b if sock is a else a).sendall(data)
         except OSError:
             return
@@ -113,11 +118,13 @@ def forwarder(redis_url: str) -> Iterator[Forwarder]:
         fwd.close()
 
 
-def _apps(run_dir: str, forwarder: Forwarder) -> tuple[SharedState, SharedState, Any]:
+def _apps(
+    run_dir: str, forwarder: Forwarder, timeout: float = 5.0
+) -> tuple[SharedState, SharedState, Any]:
     """The app behind the forwarder, another app on the same namespace straight to
     Redis (waiting for claims up to more than the lease), and a plain Redis client."""
     url = f"redis://127.0.0.1:{forwarder.port}/0"
-    cut = make_app("redis", run_dir, "claims", SHAREDSTATE_LEASE=LEASE, SHAREDSTATE_TIMEOUT=5.0)
+    cut = make_app("redis", run_dir, "claims", SHAREDSTATE_LEASE=LEASE, SHAREDSTATE_TIMEOUT=timeout)
     cut.config["SHAREDSTATE_REDIS_URL"] = url
     other = make_app(
         "redis", run_dir, "claims", SHAREDSTATE_LEASE=LEASE, SHAREDSTATE_TIMEOUT=2 * LEASE
@@ -194,4 +201,32 @@ def test_lazy_abort_never_drops_a_newer_block_of_the_same_thread(
         wait_for(lambda: not direct.exists(txn), timeout=LEASE / 2)
     finally:
         _close(cut, other, impatient)
+        direct.close()
+
+
+def test_lazy_abort_after_a_lost_reply_drops_nothing_of_others(
+    run_dir: str, redis_url: str, forwarder: Forwarder
+) -> None:
+    """A commit that ran but whose reply was lost: the write stands (once), and the
+    aborts of it sent afterwards never drop another client's block."""
+    cut, other, direct = _apps(run_dir, forwarder, timeout=2.0)
+    txn = "{" + cut.state().settings.namespace + "}:txn"
+    try:
+        cut.dict["n"] = 1
+        with pytest.raises(SharedStateUnavailable, match="did not answer"):
+            with cut.atomic():
+                cut.dict["n"] += 1
+                forwarder.mute = True
+        forwarder.mute = False
+        assert forwarder.muted > 0  # the commit's reply was dropped
+        assert not direct.exists(txn)  # it ran: no claim left
+        with other.atomic():
+            assert other.dict["n"] == 2  # applied once
+            other.dict["n"] = 20
+            for _ in range(4):  # while the cut app sends its aborts (if it does)
+                time.sleep(1)
+                assert direct.hget(txn, "owner") is not None
+        assert cut.dict["n"] == 20
+    finally:
+        _close(cut, other)
         direct.close()
