@@ -38,6 +38,10 @@ class Forwarder:
         self.mute = False  # Redis's replies dropped (requests still go through)
         self.muted = 0  # bytes of replies dropped
         self.refused = 0  # connections closed at once while cut
+        #: client socket -> its requests held back (hold()); then (server socket, requests)
+        #: of each held connection its client closed, for release()
+        self.held: dict[socket.socket, bytearray] = {}
+        self.late: list[tuple[socket.socket, bytes]] = []
         self.stopping = False
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -62,6 +66,7 @@ class Forwarder:
             pump.start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        late = False
         try:
             while True:
                 ready = select.select([a, b], [], [], 0.1)[0]
@@ -70,15 +75,22 @@ class Forwarder:
                 for sock in ready:
                     data = sock.recv(65536)
                     if not data:
+                        with self.lock:
+                            if sock is a and a in self.held:  # its client gave up on it
+                                self.late.append((b, bytes(self.held.pop(a))))
+                                late = True
                         return
                     if sock is b and self.mute:
                         self.muted += len(data)
+                        continue
+                    if sock is a and a in self.held:
+                        self.held[a] += data
                         continue
                     (b if sock is a else a).sendall(data)
         except OSError:
             return
         finally:
-            for sock in (a, b):
+            for sock in (a,) if late else (a, b):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -95,6 +107,24 @@ class Forwarder:
                     except OSError:
                         pass
             self.pairs = []
+
+    def hold(self) -> None:
+        """Hold back the requests of the connections open now (new ones go through)."""
+        with self.lock:
+            for a, _ in self.pairs:
+                self.held[a] = bytearray()
+
+    def release(self) -> list[bytes]:
+        """Send the held requests of connections their clients closed: Redis's replies."""
+        with self.lock:
+            late, self.late = self.late, []
+        replies = []
+        for server, data in late:
+            with server:
+                server.settimeout(10)
+                server.sendall(data)
+                replies.append(server.recv(65536))
+        return replies
 
     def restore(self) -> None:
         with self.lock:
@@ -227,6 +257,41 @@ def test_lazy_abort_after_a_lost_reply_drops_nothing_of_others(
                 time.sleep(1)
                 assert direct.hget(txn, "owner") is not None
         assert cut.dict["n"] == 20
+    finally:
+        _close(cut, other)
+        direct.close()
+
+
+def _eventually(condition: Any, timeout: float) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_commit_reaching_redis_after_the_abort_writes_nothing(
+    run_dir: str, redis_url: str, forwarder: Forwarder
+) -> None:
+    """A commit held up on its way (no answer in time) that reaches Redis only after
+    its block was aborted finds its claims gone and writes nothing: failed, never applied."""
+    cut, other, direct = _apps(run_dir, forwarder, timeout=2.0)
+    txn = "{" + cut.state().settings.namespace + "}:txn"
+    try:
+        cut.dict["n"] = 1
+        with pytest.raises(SharedStateUnavailable, match="did not answer"):
+            with cut.atomic():
+                cut.dict["n"] += 1
+                forwarder.hold()
+        wait_for(lambda: forwarder.late, timeout=10)  # the client closed that connection
+        gone = _eventually(lambda: not direct.exists(txn), LEASE / 2)
+        replies = forwarder.release()  # the commit reaches Redis now
+        assert replies, "the held commit was not sent"
+        assert other.dict["n"] == 1, f"the failed commit was applied later: {replies}"
+        assert replies == [b"*1\r\n$4\r\nlost\r\n"]
+        assert gone, "the failed block's claim stayed for the lease"
     finally:
         _close(cut, other)
         direct.close()
