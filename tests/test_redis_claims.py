@@ -135,6 +135,8 @@ class Forwarder:
         self.cut()
         for thread in self.threads:
             thread.join(10)
+        for server, _ in self.late:  # held requests never released
+            server.close()
         self.listener.close()
 
 
