@@ -14,19 +14,24 @@ Layout of a namespace ``ns`` (the ``{ns}`` hash tag keeps it in one cluster slot
 * ``{ns}:lock:NAME``: a lock, holding its owner's token, with a lease (``PX``)
   so that a dead holder's lock expires; released only by its own token. While
   a live process holds it, one thread per process renews the lease.
-* ``{ns}:txn``: the namespace's atomic block, a hash of its ``owner`` token and
-  a ``c:KEY`` field for each key it has read (claimed), expiring with the
-  lease. Every single-step write is a Lua script (``redis_scripts.py``) that
-  first checks the claims, exactly as the state server's store does, so writes
-  to a claimed key wait and nothing is lost.
+* ``{ns}:txn``: the namespace's atomic block, a hash of its ``owner`` token (one
+  per block) and a ``c:KEY`` field for each key it has read (claimed), expiring
+  with the lease. Every single-step write is a Lua script (``redis_scripts.py``)
+  that first checks the claims, exactly as the state server's store does, so
+  writes to a claimed key wait and nothing is lost. A block whose commit or
+  abort failed (Redis unreachable: nothing tells Redis, as a closed connection
+  tells the state server) is aborted again by the lease-renewal thread, and by
+  this process's next write that a claim holds up, until it succeeds or the
+  lease has run out anyway: its claims end once Redis answers, not a lease later.
 * ``{ns}:defaults``: the names of the ``defaults=`` already applied. Defaults
   are applied on every new connection: a restarted (empty) Redis gets them
   back before the first command that follows, and a default deleted later is
   not set again.
 
 A *session* is a token per thread and process, as a connection is for the
-state server. Nothing here imports the extension; ``redis`` is imported only
-when this backend is chosen.
+state server; each of its atomic blocks is that token and a count. Nothing
+here imports the extension; ``redis`` is imported only when this backend is
+chosen.
 
 Time bound: every reply is awaited at most ``SHAREDSTATE_TIMEOUT`` (the socket
 timeout), and so is connecting. An operation is one reply on an open
@@ -64,13 +69,23 @@ class _Session:
     the lease runs out: Redis cannot tell that a client is gone.
     """
 
-    __slots__ = ("token", "pid", "held")
+    __slots__ = ("token", "pid", "held", "blocks", "block")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.token = f"{self.pid}-{uuid.uuid4().hex}"
         #: names of the locks this thread took and has not released (some may be lost)
         self.held: set[str] = set()
+        #: atomic blocks begun; the open one's token (None: none open)
+        self.blocks = 0
+        self.block: str | None = None
+
+    def begin(self) -> str:
+        """A new atomic block's token: never the owner of an earlier block's claims,
+        so aborting a failed block again can never drop a later block's."""
+        self.blocks += 1
+        self.block = f"{self.token}.{self.blocks}"
+        return self.block
 
 
 def _ms(seconds: float | None) -> str:
@@ -81,8 +96,13 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+#: Seconds between aborts of failed atomic blocks (orphans), while there are some.
+ORPHAN_RETRY = 1.0
+
+
 class _LeaseRenewer:
-    """Renews the leases of the locks this process holds, from one daemon thread.
+    """Renews the leases of the locks this process holds, and drops the claims of
+    its failed atomic blocks, from one daemon thread.
 
     A lock is renewed (back to the full lease, every third of it) while the
     thread that took it is alive and has not released it; a lock whose holder
@@ -90,10 +110,24 @@ class _LeaseRenewer:
     renews nothing, so its locks expire after the lease as before. Failed
     renewals (Redis unreachable) are tried again at the next tick; a holder
     whose lease ran out meanwhile learns it from ``release`` (LockNotOwned).
+
+    An *orphan* is an atomic block whose read, commit or abort failed (Redis
+    unreachable, or no answer): its claims may still be in Redis. It is aborted
+    at once, then every second (and by :meth:`flush`), until the lease it could
+    have taken has run out: aborting again is a no-op, as each block has a token
+    of its own, and it also drops the claims of a first read that was still on
+    its way (Redis stopped) when the first abort arrived.
     """
 
-    def __init__(self, renew: Callable[[list[tuple[str, str]]], list[bool]], lease: float) -> None:
+    def __init__(
+        self,
+        renew: Callable[[list[tuple[str, str]]], list[bool]],
+        abort: Callable[[list[str]], Any],
+        lease: float,
+    ) -> None:
         self._renew = renew
+        self._abort = abort
+        self._lease = lease
         self._interval = lease / 3
         self._reset()
 
@@ -102,18 +136,46 @@ class _LeaseRenewer:
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self._held: dict[tuple[str, str], threading.Thread] = {}
+        #: token of a failed atomic block -> when its claims have expired anyway
+        self._orphans: dict[str, float] = {}
+        self._urgent = False  # an orphan to abort at once
         self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="flask-sharedstate lease renewal", daemon=True
+            )
+            self._thread.start()
 
     def add(self, key: str, token: str) -> None:
         if self._pid != os.getpid():
             self._reset()
         with self._cond:
             self._held[(key, token)] = threading.current_thread()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="flask-sharedstate lease renewal", daemon=True
-                )
-                self._thread.start()
+            self._start()
+
+    def orphan(self, token: str) -> None:
+        """The atomic block ``token`` failed and may still claim keys: abort it."""
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            # Its claims were last given the lease before now: gone by then anyway.
+            self._orphans[token] = time.monotonic() + self._lease
+            self._urgent = True
+            self._start()
+            self._cond.notify()
+
+    def flush(self) -> None:
+        """Abort the orphans now, from the caller's thread (its write was held up)."""
+        if not self._orphans or self._pid != os.getpid():
+            return
+        with self._cond:
+            tokens = list(self._orphans)
+        try:
+            self._abort(tokens)
+        except Exception:  # noqa: S110 - Redis unreachable: the thread tries again
+            pass
 
     def discard(self, key: str, token: str) -> None:
         if self._pid != os.getpid():
@@ -125,22 +187,37 @@ class _LeaseRenewer:
         cond = self._cond
         while True:
             with cond:
-                cond.wait(self._interval)
+                if not self._urgent:
+                    cond.wait(
+                        min(self._interval, ORPHAN_RETRY) if self._orphans else self._interval
+                    )
+                self._urgent = False
+                now = time.monotonic()
+                for token, deadline in list(self._orphans.items()):
+                    if deadline <= now:
+                        del self._orphans[token]
                 for item, thread in list(self._held.items()):
                     if not thread.is_alive():
                         del self._held[item]
-                if not self._held:
+                if not self._held and not self._orphans:
                     self._thread = None
                     return
                 batch = list(self._held)
-            try:
-                renewed = self._renew(batch)
-            except Exception:  # noqa: S110 - Redis unreachable: try again next tick
-                continue
-            with cond:
-                for item, ok in zip(batch, renewed, strict=True):
-                    if not ok:
-                        self._held.pop(item, None)
+                orphans = list(self._orphans)
+            if batch:  # (first: a lock's lease matters more than a claim's)
+                try:
+                    renewed = self._renew(batch)
+                except Exception:  # Redis unreachable: try again next tick
+                    renewed = [True] * len(batch)
+                with cond:
+                    for item, ok in zip(batch, renewed, strict=True):
+                        if not ok:
+                            self._held.pop(item, None)
+            if orphans:
+                try:
+                    self._abort(orphans)
+                except Exception:  # noqa: S110 - Redis unreachable: try again next tick
+                    pass
 
 
 class RedisBackend(Backend):
@@ -213,7 +290,7 @@ class RedisBackend(Backend):
                 self._get_connection = inspect.unwrap(type(pool).get_connection).__get__(pool)
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
-        self._renewer = _LeaseRenewer(self._renew, lease)
+        self._renewer = _LeaseRenewer(self._renew, self._abort_blocks, lease)
 
     # -- the interface ---------------------------------------------------------
 
@@ -276,6 +353,7 @@ class RedisBackend(Backend):
                 lambda: _raw_eval(connection, SCRIPTS["apply_defaults"], keys, args),
                 "apply_defaults",
                 None,
+                flush=False,  # (the pool would open another connection, and recurse)
             )
         except (self._redis.exceptions.AskError, self._redis.exceptions.TryAgainError):
             # A cluster node that does not own the namespace's slot (MOVED), or not
@@ -297,9 +375,6 @@ class RedisBackend(Backend):
         if session is None or session.pid != os.getpid():  # a forked child is another
             session = self._local.session = _Session()
         return session
-
-    def _token(self) -> str:
-        return self._session().token
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -363,9 +438,18 @@ class RedisBackend(Backend):
         return self._poll(lambda: self._eval(name, keys, args), name, timeout)
 
     def _poll(
-        self, send: Callable[[], Any], name: str, timeout: float | None, reply: Any = None
+        self,
+        send: Callable[[], Any],
+        name: str,
+        timeout: float | None,
+        reply: Any = None,
+        flush: bool = True,
     ) -> Any:
-        """``send()`` until its reply is not ``{'blocked'}``; ``reply``: a first one, if had."""
+        """``send()`` until its reply is not ``{'blocked'}``; ``reply``: a first one, if had.
+
+        Held up, it first aborts this process's failed blocks (whose claims may be
+        what holds it up) rather than wait for the lease-renewal thread to.
+        """
         deadline = None
         pause = 0.001
         wait = self._timeout if timeout is None else timeout
@@ -375,6 +459,8 @@ class RedisBackend(Backend):
             now = time.monotonic()
             if deadline is None:
                 deadline = now + wait
+                if flush:
+                    self._renewer.flush()
             if now >= deadline:
                 what = "an atomic block" if name.startswith("txn") else "a write to a key"
                 raise LockTimeout(f"{what} held by an atomic block waited {wait:g}s")
@@ -618,14 +704,21 @@ class RedisBackend(Backend):
     def op_txn_read(
         self, keys: list[str], timeout: float, session_id: str | None = None
     ) -> tuple[str, list[Packed | None]]:
-        token = self._token()
+        # The block's token, returned as its session id: its own, not the thread's.
+        token = session_id or self._session().begin()
         data_keys = [self._key(k) for k in keys]
-        reply = self._run(
-            "txn_read",
-            [self._txn, *data_keys],
-            [token, self._lease_ms, session_id or ""],
-            timeout,
-        )
+        try:
+            reply = self._run(
+                "txn_read",
+                [self._txn, *data_keys],
+                [token, self._lease_ms, session_id or ""],
+                timeout,
+            )
+        except LockTimeout:  # another block held it up: this one claimed nothing more
+            raise
+        except BaseException:  # the read may have run (its reply lost), or run late
+            self._renewer.orphan(token)
+            raise
         if reply[0] == b"lost":
             raise _lost()
         return token, [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
@@ -636,12 +729,24 @@ class RedisBackend(Backend):
         timeout: float,
         session_id: str | None = None,
     ) -> None:
-        args: list[Any] = [self._token(), session_id or ""]
+        session = self._session()
+        if session.block == session_id:
+            session.block = None  # ended here, whatever happens
+        # A block that read nothing claims nothing, so its token is one no block has.
+        args: list[Any] = [session_id or session.token + ".0", session_id or ""]
         for key, value, ttl in writes:
             args.append(b"" if value is None else self._encode(key, value))
             args.append("keep" if ttl == "keep" else _ms(ttl))
         keys = [self._txn, *[self._key(k) for k, _, _ in writes]]
-        reply = self._run("txn_commit", keys, args, timeout)
+        try:
+            reply = self._run("txn_commit", keys, args, timeout)
+        except BaseException:
+            # Unsent (Redis unreachable), or its reply lost: its claims may be there
+            # until the lease. Abort it, once Redis answers: a no-op if it did run, and
+            # if it is still on its way, it finds its claims gone and writes nothing.
+            if session_id:
+                self._renewer.orphan(session_id)
+            raise
         if reply[0] == b"lost":
             raise _lost()
 
@@ -650,21 +755,26 @@ class RedisBackend(Backend):
     ) -> bool:
         # A list of times cannot be signed in Lua: an atomic block of its own, two
         # round trips, with the same claims as any other.
-        session_id, (packed,) = self.op_txn_read([key], self._timeout)
+        session = self._session()
+        outer = session.block  # (a block of the caller's, if any, is still its own)
         try:
-            entries = [] if packed is None else unpack(packed)
-            if type(entries) is not list:
-                raise TypeError(f"key {key!r} does not hold a moving window")
-            fresh = [t for t in entries if t > now - expiry]
-            if len(fresh) + amount > limit:
-                self.op_txn_abort()
-                return False
-            hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
-            self.op_txn_commit([(key, hits, float(expiry))], self._timeout, session_id)
-            return True
-        except BaseException:
-            self.op_txn_abort()
-            raise
+            session_id, (packed,) = self.op_txn_read([key], self._timeout)
+            try:
+                entries = [] if packed is None else unpack(packed)
+                if type(entries) is not list:
+                    raise TypeError(f"key {key!r} does not hold a moving window")
+                fresh = [t for t in entries if t > now - expiry]
+                if len(fresh) + amount > limit:
+                    self._abort_block(session_id)
+                    return False
+                hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
+                self.op_txn_commit([(key, hits, float(expiry))], self._timeout, session_id)
+                return True
+            except BaseException:
+                self._abort_block(session_id)
+                raise
+        finally:
+            session.block = outer
 
     def op_sliding_acquire(
         self, previous: str, current: str, limit: int, amount: int, weight: float, ttl: float
@@ -678,7 +788,21 @@ class RedisBackend(Backend):
         return bool(reply[1])
 
     def op_txn_abort(self) -> None:
-        self._eval("txn_abort", [self._txn], [self._token()])
+        session = self._session()
+        token, session.block = session.block, None
+        if token is not None:  # (else none open, or its first read failed: an orphan)
+            self._abort_block(token)
+
+    def _abort_block(self, token: str) -> None:
+        try:
+            self._abort_blocks([token])
+        except BaseException:
+            self._renewer.orphan(token)  # dropped once Redis answers
+            raise
+
+    def _abort_blocks(self, tokens: list[str]) -> None:
+        """Drop the claims of the blocks ``tokens`` (those that still hold any)."""
+        self._eval("txn_abort", [self._txn], tokens)
 
 
 def _pack(count: int, head: bytes, args: tuple[Any, ...]) -> bytes:

@@ -208,9 +208,12 @@ end
 if owner == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'ok'}
 """,
-    # KEYS: txn; ARGV: token
+    # KEYS: txn; ARGV: token... (the blocks to end: a block that ended already is none of them)
     "txn_abort": """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+for i = 1, #ARGV do
+  if owner == ARGV[i] then redis.call('DEL', KEYS[1]) end
+end
 return {'ok'}
 """,
     # KEYS: txn, previous, current; ARGV: limit, amount, weight, ttl ms
