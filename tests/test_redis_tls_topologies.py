@@ -3,7 +3,8 @@
 Each topology speaks TLS only (``--port 0``; the sentinels also have a plain port,
 for the test that keeps them plain) and requires client certificates; its nodes,
 replica and cluster bus talk TLS to each other. Each is started once for the
-module and stopped by pid, whatever happens.
+module and stopped by pid, whatever happens. Every server also listens on
+127.0.0.2, a name its certificate is not for.
 """
 
 from __future__ import annotations
@@ -79,9 +80,29 @@ def app_for(run_dir: str, name: str, url: str, options: Any = None) -> SharedSta
     return SharedState(app, defaults={"d": 5})
 
 
-def refused_clearly(shared: SharedState, says: str) -> None:
+#: A name the servers' certificate is not for (they listen on it too).
+OTHER_NAME = "127.0.0.2"
+BIND = ["--bind", "127.0.0.1", OTHER_NAME]
+
+#: (case, change to the right options, what the error names, what it says to give)
+REFUSALS = [
+    ("wrong CA", {"ssl_ca_certs": "other-ca_crt"}, "certificate verify failed", "ssl_ca_certs"),
+    ("name mismatch", {"host": OTHER_NAME}, "mismatch", "ssl_ca_certs"),
+    ("no client certificate", {"ssl_certfile": None, "ssl_keyfile": None}, "TLS", "ssl_certfile"),
+]
+
+
+def refused_options(files: dict[str, str], change: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = client_options(files)
+    for name, value in change.items():
+        if name != "host":
+            options[name] = files[value] if value else None
+    return options
+
+
+def refused_clearly(shared: SharedState, says: str, todo: str) -> None:
     """Each kind of operation raises SharedStateUnavailable naming ``says`` and TLS,
-    within the timeout (a connection, then its handshake: never a hang)."""
+    and what to give (``todo``), within the timeout (never a hang)."""
     for operation in (lambda: shared.get("k"), lambda: shared.incr("k")):
         start = time.monotonic()
         with pytest.raises(SharedStateUnavailable) as info:
@@ -89,7 +110,7 @@ def refused_clearly(shared: SharedState, says: str) -> None:
         took = time.monotonic() - start
         message = str(info.value)
         assert says.lower() in message.lower(), message
-        assert "TLS" in message and "ssl_ca_certs" in message, message  # what to do
+        assert "TLS" in message and todo in message, message  # what to do
         assert len(message) < 1500, message  # readable, not a dump of clients
         assert took < 2 * TIMEOUT + 1, took
 
@@ -112,7 +133,7 @@ def tls_cluster(
         ports = []
         for _ in range(3):
             port = free_port()
-            args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args = ["--port", "0", "--tls-port", str(port), *BIND, "--save", ""]
             args += ["--appendonly", "no", "--dir", folder, *tls_server_args(files)]
             args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
             args += ["--cluster-port", str(free_port()), "--tls-cluster", "yes"]
@@ -164,17 +185,23 @@ def test_cluster_over_tls_runs_every_operation(tls_cluster: dict[str, Any], run_
         shared.state().backend.close()
 
 
-def test_cluster_over_tls_with_the_wrong_ca_fails_clearly(
-    tls_cluster: dict[str, Any], run_dir: str
+@pytest.mark.parametrize("case, change, says, todo", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_cluster_over_tls_refusals_are_clear_and_bounded(
+    tls_cluster: dict[str, Any],
+    run_dir: str,
+    case: str,
+    change: dict[str, Any],
+    says: str,
+    todo: str,
 ) -> None:
-    """A cluster whose certificate the given CA did not sign: SharedStateUnavailable
-    saying the server's certificate was refused, within the timeout."""
+    """A cluster whose certificate the given CA did not sign, or is not for the name
+    connected to, or that requires the client certificate not given:
+    SharedStateUnavailable naming the TLS problem and what to give, within the timeout."""
     files = tls_cluster["files"]
-    url = f"rediss+cluster://localhost:{tls_cluster['ports'][0]}"
-    options = {**client_options(files), "ssl_ca_certs": files["other-ca_crt"]}
-    shared = app_for(run_dir, "tls-cluster-bad", url, options)
+    url = f"rediss+cluster://{change.get('host', 'localhost')}:{tls_cluster['ports'][0]}"
+    shared = app_for(run_dir, "tls-cluster-bad", url, refused_options(files, change))
     try:
-        refused_clearly(shared, "certificate verify failed")
+        refused_clearly(shared, says, todo)
     finally:
         shared.state().backend.close()
 
@@ -193,7 +220,7 @@ def tls_sentinel(
     started: list[subprocess.Popen[bytes]] = []
     try:
         master_port, replica_port = free_port(), free_port()
-        base = ["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        base = ["--port", "0", *BIND, "--save", "", "--appendonly", "no"]
         base += ["--dir", folder, *tls_server_args(files)]
         spawn_redis(
             started,
@@ -218,7 +245,8 @@ def tls_sentinel(
             conf = os.path.join(folder, f"sentinel-{tls_port}.conf")
             with open(conf, "w") as f:
                 f.write(
-                    f"port {plain_port}\ntls-port {tls_port}\nbind 127.0.0.1\ndir {folder}\n"
+                    f"port {plain_port}\ntls-port {tls_port}\nbind {' '.join(BIND[1:])}\n"
+                    f"dir {folder}\n"
                     f"tls-cert-file {files['server_crt']}\ntls-key-file {files['server_key']}\n"
                     f"tls-ca-cert-file {files['ca_crt']}\ntls-auth-clients yes\n"
                     "tls-replication yes\n"
@@ -253,8 +281,8 @@ def tls_sentinel(
             stop_process(proc)
 
 
-def sentinel_url(setup: dict[str, Any], plain: bool = False) -> str:
-    hosts = ",".join(f"localhost:{ports[1 if plain else 0]}" for ports in setup["sentinels"])
+def sentinel_url(setup: dict[str, Any], plain: bool = False, host: str = "localhost") -> str:
+    hosts = ",".join(f"{host}:{ports[1 if plain else 0]}" for ports in setup["sentinels"])
     return f"rediss+sentinel://{hosts}/{SERVICE}"
 
 
@@ -285,20 +313,43 @@ def test_sentinels_without_tls_are_chosen_by_sentinel_kwargs(
         shared.state().backend.close()
 
 
-@pytest.mark.parametrize("whose", ["sentinels' and master's", "master's only"])
-def test_sentinel_over_tls_with_the_wrong_ca_fails_clearly(
-    tls_sentinel: dict[str, Any], run_dir: str, whose: str
+SENTINEL_REFUSALS = [
+    *[(f"{case} (sentinels)", *rest) for case, *rest in REFUSALS],
+    (
+        "wrong CA (master only)",
+        {"ssl_ca_certs": "other-ca_crt", "sentinel_kwargs": {"ssl_ca_certs": "ca_crt"}},
+        "certificate verify failed",
+        "ssl_ca_certs",
+    ),
+    ("name mismatch (master only)", {"force_master_ip": OTHER_NAME}, "mismatch", "announce"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, change, says, todo", SENTINEL_REFUSALS, ids=[r[0] for r in SENTINEL_REFUSALS]
+)
+def test_sentinel_over_tls_refusals_are_clear_and_bounded(
+    tls_sentinel: dict[str, Any],
+    run_dir: str,
+    case: str,
+    change: dict[str, Any],
+    says: str,
+    todo: str,
 ) -> None:
-    """A CA that did not sign the sentinels' and master's certificates, or the master's
-    only (the sentinels given the right one in sentinel_kwargs): SharedStateUnavailable
-    saying the server's certificate was refused, within the timeout."""
+    """The sentinels' certificate refused (wrong CA, a name it is not for), or they
+    require the client certificate not given; or the master's certificate refused
+    (the sentinels' accepted): SharedStateUnavailable naming the TLS problem and what
+    to give, within the timeout."""
     files = tls_sentinel["files"]
-    options: dict[str, Any] = {**client_options(files), "ssl_ca_certs": files["other-ca_crt"]}
-    if whose == "master's only":
-        options["sentinel_kwargs"] = {"ssl_ca_certs": files["ca_crt"]}
-    shared = app_for(run_dir, "tls-sentinel-bad", sentinel_url(tls_sentinel), options)
+    options = refused_options(files, {k: v for k, v in change.items() if k.startswith("ssl")})
+    if "sentinel_kwargs" in change:
+        options["sentinel_kwargs"] = {k: files[v] for k, v in change["sentinel_kwargs"].items()}
+    if "force_master_ip" in change:
+        options["force_master_ip"] = change["force_master_ip"]
+    url = sentinel_url(tls_sentinel, host=change.get("host", "localhost"))
+    shared = app_for(run_dir, "tls-sentinel-bad", url, options)
     try:
-        refused_clearly(shared, "certificate verify failed")
+        refused_clearly(shared, says, todo)
     finally:
         shared.state().backend.close()
 
