@@ -388,3 +388,30 @@ def test_tls_topology_options_are_checked_at_init_app(url: str, options: Any, sa
     )
     with pytest.raises(ConfigError, match=says):
         SharedState(app)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:s3cret@h:1/s",
+        "rediss+sentinel://u:s3cret@h:1/s",
+        "rediss+cluster://u:s3cret@h:1",
+    ],
+)
+def test_credentials_in_the_url_and_the_options_are_taken(url: str) -> None:
+    """A password in the URL and one in SHAREDSTATE_REDIS_OPTIONS (the URL's wins, as
+    redis-py's rule says): init_app takes them, not a TypeError from redis-py."""
+    from flask import Flask
+
+    app = Flask("both_credentials")
+    app.config.update(
+        SHAREDSTATE_BACKEND="redis",
+        SHAREDSTATE_REDIS_URL=url,
+        SHAREDSTATE_REDIS_OPTIONS={"username": "other", "password": "other"},
+        SHAREDSTATE_KEY="k" * 32,
+    )
+    shared = SharedState(app)  # touches no network
+    assert "s3cret" not in repr(shared)
+    if "sentinel" in url:  # the master's connections log in with the URL's
+        kwargs = shared.state().backend.client.connection_pool.connection_kwargs
+        assert kwargs["password"] == "s3cret", kwargs

@@ -387,7 +387,9 @@ def connect(
 
         return sentinel_masters
 
-    manager = Manager(sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **extra, **owned())
+    # (The URL's user and password win over the options', as in redis-py's from_url.)
+    master_kwargs = {**extra, **auth, **owned()}
+    manager = Manager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     return manager.master_for(  # type: ignore[no-untyped-call]
         service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
     )
