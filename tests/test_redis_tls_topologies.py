@@ -222,7 +222,7 @@ def tls_sentinel(
         master_port, replica_port = free_port(), free_port()
         base = ["--port", "0", *BIND, "--save", "", "--appendonly", "no"]
         base += ["--dir", folder, *tls_server_args(files)]
-        spawn_redis(
+        master = spawn_redis(
             started,
             folder,
             "master",
@@ -275,7 +275,13 @@ def tls_sentinel(
             return True
 
         wait_for(ready, timeout=30, interval=0.1)
-        yield {"files": files, "sentinels": sentinels, "master_port": master_port}
+        yield {
+            "files": files,
+            "sentinels": sentinels,
+            "master": master,
+            "master_port": master_port,
+            "replica_port": replica_port,
+        }
     finally:
         for proc in started:
             stop_process(proc)
@@ -351,6 +357,46 @@ def test_sentinel_over_tls_refusals_are_clear_and_bounded(
     try:
         refused_clearly(shared, says, todo)
     finally:
+        shared.state().backend.close()
+
+
+def test_sentinel_failover_over_tls(tls_sentinel: dict[str, Any], run_dir: str) -> None:
+    """The master SIGKILLed: each operation fails with SharedStateUnavailable (never
+    hangs) until the sentinels promote the replica, then works on it over TLS (its
+    certificate checked against the address they hand out), in the same app, with the
+    value replicated over TLS. (The module's last Sentinel test: the replica stays master.)"""
+    files = tls_sentinel["files"]
+    shared = app_for(run_dir, "tls-failover", sentinel_url(tls_sentinel), client_options(files))
+    replica = tls_client(tls_sentinel["replica_port"], files)
+    try:
+        assert shared.incr("n") == 1
+        key = "{tls-failover-" + os.path.basename(run_dir) + "}:k:n"  # (make_app's namespace)
+        wait_for(lambda: replica.get(key) == b"1", timeout=20)  # replicated before the kill
+        tls_sentinel["master"].kill()
+        tls_sentinel["master"].wait(10)
+        killed = time.monotonic()
+        failures, slowest, deadline = 0, 0.0, killed + 60
+        while True:
+            assert time.monotonic() < deadline, f"no failover within 60 s ({failures} failures)"
+            start = time.monotonic()
+            try:
+                value = shared.incr("n")
+                break
+            except SharedStateUnavailable:
+                failures += 1
+            finally:
+                slowest = max(slowest, time.monotonic() - start)
+            time.sleep(0.05)
+        assert failures > 0, "no operation failed: was the master really killed?"
+        assert value == 2
+        assert slowest < 3 * TIMEOUT + 1, slowest  # never a hang
+        assert replica.info("replication")["role"] == "master"
+        print(
+            f"failover over TLS: {failures} operations refused, slowest {slowest:.2f}s,"
+            f" first success {time.monotonic() - killed:.2f}s after the kill"
+        )
+    finally:
+        replica.close()
         shared.state().backend.close()
 
 
