@@ -1,4 +1,5 @@
-"""The redis-py client behind the ``redis`` backend: one Redis, TLS, an ACL user, or Sentinel.
+"""The redis-py client behind the ``redis`` backend: one Redis, TLS, an ACL user, Sentinel,
+or a Redis Cluster (``redis_cluster.py``).
 
 ``SHAREDSTATE_REDIS_URL`` takes redis-py's own URLs, and one more:
 
@@ -10,7 +11,11 @@
 * ``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``:
   the master that the sentinels name for ``service`` (default port 26379), as
   the ``limits`` library writes it. The user and password are the master's and,
-  unless ``sentinel_kwargs`` says otherwise, the sentinels'.
+  unless ``sentinel_kwargs`` says otherwise, the sentinels';
+* ``rediss+sentinel://...``: the same over TLS, to the master and to the
+  sentinels, with ``rediss://``'s arguments and checks (``sentinel_kwargs``
+  overrides them for the sentinels: ``{'ssl': False}`` for plain ones);
+* ``redis+cluster://`` and ``rediss+cluster://``: see ``redis_cluster.py``.
 
 URL query parameters and ``SHAREDSTATE_REDIS_OPTIONS`` (a dict) are redis-py
 connection arguments (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
@@ -34,10 +39,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import AuthenticationError, ConfigError, SharedStateUnavailable
 from .redis_cluster import SCHEME as CLUSTER_SCHEME
+from .redis_cluster import TLS_SCHEME as TLS_CLUSTER_SCHEME
 from .redis_cluster import parse_url as parse_cluster_url
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEME = "redis+sentinel://"
+TLS_SENTINEL_SCHEME = "rediss+sentinel://"
+SENTINEL_SCHEMES = (SENTINEL_SCHEME, TLS_SENTINEL_SCHEME)
+#: The schemes that speak TLS, and each plain scheme's TLS form.
+TLS_SCHEMES = ("rediss://", TLS_SENTINEL_SCHEME, TLS_CLUSTER_SCHEME)
+TLS_FORM = {
+    "redis://": "rediss://",
+    "unix://": "rediss://",
+    SENTINEL_SCHEME: TLS_SENTINEL_SCHEME,
+    CLUSTER_SCHEME: TLS_CLUSTER_SCHEME,
+}
 SENTINEL_PORT = 26379
 #: Seconds between two questions to the sentinels about which server is the master.
 SENTINEL_CHECK = 1.0
@@ -90,12 +106,15 @@ def check(url: str, options: Any) -> dict[str, Any]:
     """
     if url.startswith(CLUSTER_SCHEME):
         return _check_cluster(url, options)
-    if not url.startswith((*SCHEMES, SENTINEL_SCHEME)):
+    if not url.startswith((*SCHEMES, *SENTINEL_SCHEMES, TLS_CLUSTER_SCHEME)):
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected a redis://,"
             f" rediss:// or unix:// URL, {SENTINEL_SCHEME}host:port,host:port/service, or"
-            f" {CLUSTER_SCHEME}host:port[,host:port...] for a Redis Cluster."
+            f" {CLUSTER_SCHEME}host:port[,host:port...] for a Redis Cluster (TLS:"
+            f" {TLS_SENTINEL_SCHEME}..., {TLS_CLUSTER_SCHEME}...)."
         )
+    if url.startswith(TLS_CLUSTER_SCHEME):
+        _cluster_nodes(url)  # raises ConfigError
     if url.startswith(SCHEMES):
         try:
             parts = urlsplit(url)
@@ -122,22 +141,32 @@ def check(url: str, options: Any) -> dict[str, Any]:
                     f"{where}: {name!r} is the backend's own: {OWNED[name]}. Remove it."
                 )
     known = _arguments(url)
+    scheme = url.split("://", 1)[0] + "://"
     for where, names in given:
         for name in names:
             if known is not None and name not in known and name != "sentinel_kwargs":
                 close = difflib.get_close_matches(name, known, 1)
-                scheme = url.split("://", 1)[0] + "://"
+                hint = ""
+                if name.startswith("ssl") and scheme in TLS_FORM:
+                    hint = (
+                        f" (ssl and ssl_* arguments need {TLS_FORM[scheme]}: the URL's scheme"
+                        " turns TLS on.)"
+                    )
+                elif name == "ssl":
+                    hint = " (TLS is on already: the URL's scheme says so.)"
+                elif url.startswith(TLS_CLUSTER_SCHEME):
+                    hint = " (redis-py's cluster client drops it without a word.)"
                 raise ConfigError(
                     f"{where}: {name!r} is not an argument redis-py takes for a {scheme} URL"
                     + (f": did you mean {close[0]!r}?" if close else ".")
-                    + (" (ssl_* arguments need rediss://.)" if name.startswith("ssl") else "")
+                    + hint
                 )
     sentinel_kwargs = options.get("sentinel_kwargs")
     if sentinel_kwargs is not None:
-        if not url.startswith(SENTINEL_SCHEME):
+        if not url.startswith(SENTINEL_SCHEMES):
             raise ConfigError(
-                f"SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' is for {SENTINEL_SCHEME} URLs;"
-                " remove it, or use a Sentinel URL."
+                f"SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' is for {SENTINEL_SCHEME} and"
+                f" {TLS_SENTINEL_SCHEME} URLs; remove it, or use a Sentinel URL."
             )
         if not isinstance(sentinel_kwargs, Mapping):
             raise ConfigError(
@@ -150,25 +179,34 @@ def check(url: str, options: Any) -> dict[str, Any]:
                     f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is the"
                     f" backend's own: {OWNED[name]}. Remove it."
                 )
-    if url.startswith(SENTINEL_SCHEME):
+    if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
     return dict(options)
 
 
 def _check_cluster(url: str, options: Any) -> dict[str, Any]:
     """A ``redis+cluster://`` URL: its nodes parse; no options (not supported there yet)."""
+    _cluster_nodes(url)
+    if options:
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_OPTIONS is not supported with {CLUSTER_SCHEME} URLs yet:"
+            " remove it, and put the user and password in the URL; for TLS, write"
+            f" {TLS_CLUSTER_SCHEME}, which takes them (and the ssl_* arguments)."
+        )
+    return {}
+
+
+def _cluster_nodes(url: str) -> None:
+    """A cluster URL's nodes parse.
+
+    :raises ConfigError: what to write instead.
+    """
     try:
         parse_cluster_url(url)
     except ValueError as exc:
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected {exc}.{ENCODE}"
         ) from None
-    if options:
-        raise ConfigError(
-            f"SHAREDSTATE_REDIS_OPTIONS is not supported with {CLUSTER_SCHEME} URLs yet (no"
-            " TLS to a cluster): remove it, and put the user and password in the URL."
-        )
-    return {}
 
 
 def _arguments(url: str) -> set[str] | None:
@@ -178,7 +216,7 @@ def _arguments(url: str) -> set[str] | None:
     except ImportError:
         return None  # the backend says to install it
     kind: type = connection.Connection
-    if url.startswith("rediss://"):
+    if url.startswith(TLS_SCHEMES):
         kind = connection.SSLConnection
     elif url.startswith("unix://"):
         kind = connection.UnixDomainSocketConnection
@@ -186,14 +224,19 @@ def _arguments(url: str) -> set[str] | None:
     for cls in kind.__mro__:
         if "__init__" in cls.__dict__:
             names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
-    if url.startswith(SENTINEL_SCHEME):
+    if url.startswith(SENTINEL_SCHEMES):
         names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
+    if url.startswith(TLS_CLUSTER_SCHEME):
+        from redis.cluster import REDIS_ALLOWED_KEYS
+
+        names &= set(REDIS_ALLOWED_KEYS)  # (RedisCluster drops the others without a word)
     return names - {"self", "args", "kwargs"} - set(OWNED)
 
 
 def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
-    """``(sentinels, service, db, auth)`` of a ``redis+sentinel://`` URL."""
-    rest = url[len(SENTINEL_SCHEME) :]
+    """``(sentinels, service, db, auth)`` of a ``redis+sentinel://`` (or ``rediss+``) URL."""
+    scheme = TLS_SENTINEL_SCHEME if url.startswith(TLS_SENTINEL_SCHEME) else SENTINEL_SCHEME
+    rest = url[len(scheme) :]
     location, _, _ = rest.partition("?")
     auth: dict[str, str] = {}
     userinfo, at, location = location.rpartition("@")  # (a raw / in a password too)
@@ -213,14 +256,14 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
             what = f"{item!r} is not" if "@" not in url else "a part of its host list is not"
             raise ConfigError(
                 f"SHAREDSTATE_REDIS_URL = {redact(url)!r}: {what} a sentinel's host:port;"
-                f" write {SENTINEL_SCHEME}host:port,host:port/service_name.{ENCODE}"
+                f" write {scheme}host:port,host:port/service_name.{ENCODE}"
             )
         sentinels.append((host, int(port) if port else SENTINEL_PORT))
     service, _, db = path.strip("/").partition("/")
     if not service or (db and not db.isdigit()):
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} names no service (or a db that is no"
-            f" number): write {SENTINEL_SCHEME}host:port,host:port/service_name[/db]."
+            f" number): write {scheme}host:port,host:port/service_name[/db]."
         )
     return sentinels, unquote(service), int(db or 0), auth
 
@@ -250,15 +293,23 @@ def connect(
         }
 
     extra = dict(options)
-    if not url.startswith(SENTINEL_SCHEME):
-        if (
-            url.startswith("rediss://")
-            and "ssl_cert_reqs" not in extra
-            and "ssl_cert_reqs=" not in url
-        ):
-            extra.setdefault("ssl_check_hostname", True)  # (redis-py < 6: off by default)
+    if url.startswith(SCHEMES):
+        if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+            checked(extra)
         # The URL's query parameters override keyword arguments (redis-py's rule).
         return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
+    # The URL's query parameters override keyword arguments (redis-py's rule).
+    for name, values in parse_qs(urlsplit(url).query).items():
+        parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
+        extra[name] = parse(values[0])
+    if url.startswith(TLS_SCHEMES):
+        extra["ssl"] = True
+        checked(extra)
+    if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
+        from .redis_cluster import ClusterClient
+
+        # (on_connect does redis-py's handshake: the cluster client must not do it too.)
+        return ClusterClient(url, timeout, on_connect, extra, handshake=True)
 
     from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
@@ -290,16 +341,65 @@ def connect(
 
     get_connection = inspect.unwrap(SentinelConnectionPool.get_connection)
     sentinels, service, db, auth = _sentinel_parts(url)
-    for name, values in parse_qs(urlsplit(url).query).items():
-        parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
-        extra[name] = parse(values[0])
-    sentinel_kwargs = {**auth, **(extra.pop("sentinel_kwargs", None) or {}), **owned()}
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **extra, **owned()
-    )
+    given = dict(extra.pop("sentinel_kwargs", None) or {})
+    # Over TLS, the sentinels are asked over TLS too, with the same arguments, unless
+    # sentinel_kwargs says otherwise ({'ssl': False}: plain sentinels).
+    tls = {name: value for name, value in extra.items() if name.startswith("ssl")}
+    if "ssl_cert_reqs" in given and "ssl_check_hostname" not in given:
+        tls.pop("ssl_check_hostname", None)  # (their own checks: see checked())
+    sentinel_kwargs = {**auth, **tls, **given, **owned()}
+    if sentinel_kwargs.get("ssl"):
+        checked(sentinel_kwargs)
+
+    class Manager(Sentinel):
+        """redis-py's, whose MasterNotFoundError says what each sentinel's error was
+        (redis-py's shows a repr of each client, and since redis-py 8 only the type
+        of its error: not which certificate was refused)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            for client in self.sentinels:
+                setattr(client, "sentinel_masters", recording(client))  # noqa: B010 (mypy)
+
+        def discover_master(self, service_name: str) -> Any:
+            try:
+                return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+            except MasterNotFoundError:
+                errors = [e for c in self.sentinels if (e := getattr(c, "fss_error", None))]
+                raise MasterNotFoundError(
+                    f"No master found for {service_name!r}"
+                    + (f": {'; '.join(errors)}" if errors else "")
+                ) from None
+
+    def recording(client: Any) -> Callable[[], Any]:
+        """``client.sentinel_masters``, which keeps its last error as ``fss_error``."""
+        ask = client.sentinel_masters
+        where = "{host}:{port}".format(**client.connection_pool.connection_kwargs)
+
+        def sentinel_masters() -> Any:
+            try:
+                masters = ask()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                client.fss_error = f"{where}: {type(exc).__name__}: {exc}"
+                raise
+            client.fss_error = None
+            return masters
+
+        return sentinel_masters
+
+    # (The URL's user and password win over the options', as in redis-py's from_url.)
+    master_kwargs = {**extra, **auth, **owned()}
+    manager = Manager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     return manager.master_for(  # type: ignore[no-untyped-call]
         service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
     )
+
+
+def checked(arguments: dict[str, Any]) -> None:
+    """TLS arguments with the certificate's host name checked, unless told otherwise
+    (redis-py before 6 did not check it by default; here it always does)."""
+    if "ssl_cert_reqs" not in arguments:  # (a name check needs a certificate check)
+        arguments.setdefault("ssl_check_hostname", True)
 
 
 def unchecked() -> dict[str, Any]:
@@ -348,6 +448,18 @@ def unavailable(
                 " sentinels too, unless SHAREDSTATE_REDIS_OPTIONS = {'sentinel_kwargs':"
                 " {'password': ...}} gives theirs (None for none)."
             )
+        elif tls_refused(str(exc), address):
+            # OpenSSL's reasons, e.g. "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify
+            # failed: self-signed certificate in certificate chain".
+            reasons = sorted({r.strip() for r in re.findall(r"\[SSL: \w+\][^()]*", str(exc))})
+            hint = (
+                " The sentinels' TLS handshake failed"
+                + (f" ({'; '.join(reasons)})" if reasons else "")
+                + ": over rediss+sentinel:// they are"
+                " asked over TLS with the master's ssl_* arguments, unless"
+                " SHAREDSTATE_REDIS_OPTIONS = {'sentinel_kwargs': {...}} gives theirs"
+                " ({'ssl': False} for sentinels without TLS)." + tls_hint(str(exc), address)
+            )
         try:
             count = len(_sentinel_parts(address)[0])
         except ConfigError:  # pragma: no cover - it parsed at init_app
@@ -366,8 +478,22 @@ def unavailable(
             f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have"
             " been applied."
         )
+    return SharedStateUnavailable(
+        f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
+        f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
+        f" applied.{tls_hint(str(exc), address)}"
+    )
+
+
+def tls_refused(text: str, address: str) -> bool:
+    """Whether an error's text says a TLS handshake was refused (by either side)."""
+    return tls_hint(text, address) != ""
+
+
+def tls_hint(text: str, address: str) -> str:
+    """What to check, for an error whose text says a TLS handshake failed ("": it does not)."""
     hint = ""
-    text = str(exc).upper()
+    text = text.upper()
     if "CERTIFICATE_REQUIRED" in text or "ALERT BAD CERTIFICATE" in text or "UNKNOWN CA" in text:
         hint = (
             " The server refused this client's TLS certificate (or its absence): give"
@@ -380,24 +506,29 @@ def unavailable(
             " ssl_ca_certs (in the URL or SHAREDSTATE_REDIS_OPTIONS), and connect with a"
             " host name the certificate is for."
         )
-    elif "SSL" in text or "TLS" in text:
-        hint = " The TLS handshake failed: check that the port speaks TLS (tls-port)."
+        if "MISMATCH" in text and address.startswith((TLS_SENTINEL_SCHEME, TLS_CLUSTER_SCHEME)):
+            hint += (
+                " The master's (or a node's) name is the address the sentinels (or the"
+                " cluster) hand out: an IP address, unless they announce host names"
+                " (sentinel announce-hostnames, cluster-announce-hostname): its certificate"
+                " must be for it."
+            )
     elif address.startswith("rediss") and any(
         sign in text for sign in ("RESET BY PEER", "ERROR 104", "CLOSED BY SERVER", "EOF")
     ):
         # TLS 1.3: the server checks the client's certificate after the handshake, and its
-        # refusal may arrive as a reset of the first write rather than as a TLS alert.
+        # refusal may arrive as a reset of the first write rather than as a TLS alert
+        # (or as OpenSSL's "EOF occurred in violation of protocol (_ssl.c)": checked
+        # before the other TLS errors).
         hint = (
             " Over TLS, a connection the server drops at once usually means it refused this"
             " client's certificate (or its absence): give ssl_certfile and ssl_keyfile (in the"
             " URL or SHAREDSTATE_REDIS_OPTIONS), a certificate from a CA the server's"
             " tls-ca-cert-file trusts, or check the server's tls-auth-clients."
         )
-    return SharedStateUnavailable(
-        f"Redis at {address} could not be used for {op!r} within {timeout:g}s"
-        f" (SHAREDSTATE_TIMEOUT) ({what}); if it was a write, it may or may not have been"
-        f" applied.{hint}"
-    )
+    elif "SSL" in text or "TLS" in text:
+        hint = " The TLS handshake failed: check that the port speaks TLS (tls-port)."
+    return hint
 
 
 def refused(exc: Exception) -> bool:

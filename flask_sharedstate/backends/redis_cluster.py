@@ -19,32 +19,41 @@ being moved) by itself; this module adds, with the plain client's rules:
 
 ``URL``: ``redis+cluster://[[user]:password@]host:port[,host:port...]``, the
 style of the ``limits`` library: any reachable node is enough to discover the
-others.
+others. ``rediss+cluster://...[?ssl_ca_certs=...]``: the same over TLS, to every
+node, with ``rediss://``'s arguments (see ``redis_client.py``, which checks them
+and builds this client with them).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
 SCHEME = "redis+cluster://"
+#: The same over TLS (the scheme other clients use for it: redis-rs, go-redis wrappers).
+TLS_SCHEME = "rediss+cluster://"
 
 
 def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """The startup nodes, user name and password of a ``redis+cluster://`` URL.
+    """The startup nodes, user name and password of a ``redis+cluster://`` or
+    ``rediss+cluster://`` URL (the latter's query, its TLS arguments, is not read here).
 
     :raises ValueError: what is wrong with it, in words that say what to write.
     """
-    if not url.startswith(SCHEME):
-        raise ValueError(f"a cluster URL starts with {SCHEME}")
-    rest = url[len(SCHEME) :]
+    scheme = TLS_SCHEME if url.startswith(TLS_SCHEME) else SCHEME
+    if not url.startswith(scheme):
+        raise ValueError(f"a cluster URL starts with {SCHEME} (or {TLS_SCHEME}, for TLS)")
+    rest = url[len(scheme) :]
+    if scheme == TLS_SCHEME:
+        rest = rest.partition("?")[0]
     if any(c in rest for c in "/?#"):
         raise ValueError(
-            "redis+cluster://host:port[,host:port...] with no database, path or"
+            f"{scheme}host:port[,host:port...] with no database, path or"
             " options after the hosts (a cluster has only database 0)"
+            + ("; TLS arguments need rediss+cluster://" if "?" in rest else "")
         )
     username = password = None
     if "@" in rest:
@@ -60,9 +69,12 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            # (Not shown when it may be a piece of a password: a raw ? in it, over TLS.)
+            hidden = scheme == TLS_SCHEME and "@" in url.partition("?")[2]
+            what = "a part of its host list is" if hidden else f"{item.strip()!r} is"
             raise ValueError(
-                "redis+cluster://host:port[,host:port...], some of the cluster's nodes"
-                f" (any one reachable node is enough), but {item.strip()!r} is not host:port"
+                f"{scheme}host:port[,host:port...], some of the cluster's nodes"
+                f" (any one reachable node is enough), but {what} not host:port"
             )
         nodes.append((host, int(port)))
     return nodes, username, password
@@ -77,13 +89,25 @@ class ClusterClient:
     operation (``SharedStateUnavailable``), tried again by the next, as with the
     plain client.
 
-    :param connected: called with each new connection, after its handshake.
+    :param connected: called with each new connection, after its handshake
+        (or, with ``handshake``, to do it: it calls ``connection.on_connect()``).
+    :param options: more redis-py connection arguments for every node (TLS,
+        credentials), checked by ``redis_client.check``.
     """
 
-    def __init__(self, url: str, timeout: float, connected: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        connected: Callable[[Any], None],
+        options: Mapping[str, Any] | None = None,
+        handshake: bool = False,
+    ) -> None:
         self._url = url
         self._timeout = timeout
         self._connected = connected
+        self._options = dict(options or {})
+        self._handshake = handshake
         self._lock = threading.Lock()
         self._client: Any = None
 
@@ -92,7 +116,9 @@ class ClusterClient:
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = _build(self._url, self._timeout, self._connected)
+                    self._client = _build(
+                        self._url, self._timeout, self._connected, self._options, self._handshake
+                    )
                 client = self._client
         return client
 
@@ -113,7 +139,13 @@ class ClusterClient:
             self._client.disconnect_connection_pools()
 
 
-def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
+def _build(
+    url: str,
+    timeout: float,
+    connected: Callable[[Any], None],
+    extra: Mapping[str, Any],
+    handshake: bool,
+) -> Any:
     import redis
     from redis.backoff import NoBackoff
     from redis.cluster import ClusterNode, RedisCluster
@@ -126,7 +158,7 @@ def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
     )
     from redis.retry import Retry
 
-    from .redis_client import unchecked
+    from .redis_client import tls_refused, unchecked
 
     class SlotUnavailable(redis.TimeoutError):
         """The cluster kept refusing a command (not run) until the timeout."""
@@ -137,6 +169,12 @@ def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
     refused = (TryAgainError, ClusterDownError, SlotNotCoveredError)
 
     class Cluster(RedisCluster):
+        def on_connect(self, connection: Any) -> None:
+            if handshake:  # (``connected`` does redis-py's handshake itself)
+                connected(connection)
+            else:
+                super().on_connect(connection)  # type: ignore[no-untyped-call]
+
         def execute_command(self, *args: Any, **kwargs: Any) -> Any:
             deadline = time.monotonic() + timeout
             pause = 0.01
@@ -164,23 +202,28 @@ def _build(url: str, timeout: float, connected: Callable[[Any], None]) -> Any:
                     pause = min(pause * 2, 0.1)
 
     nodes, username, password = parse_url(url)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(extra)  # (the URL's user and password win, as redis-py's)
+    if username is not None or "username" not in options:
+        options["username"] = username
+    if password is not None or "password" not in options:
+        options["password"] = password
     if int(redis.__version__.split(".")[0]) < 6:  # later ones read retry= only
         options["cluster_error_retry_attempts"] = 0
     try:
         return Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
-            username=username,
-            password=password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # No silent retries: a write whose reply was lost must not run twice.
             retry=Retry(NoBackoff(), 0),
-            # Called after redis-py's own handshake on every new connection.
+            # Called on every new connection (see Cluster.on_connect).
             redis_connect_func=connected,
             protocol=2,
             **unchecked(),
             **options,
         )
     except RedisClusterException as exc:
+        if tls_refused(str(exc), url):
+            # Every node was reached and refused the handshake: not a silence.
+            raise redis.ConnectionError(f"{exc}") from None
         raise ClusterUnreachable(f"{exc}") from None
