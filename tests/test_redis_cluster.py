@@ -274,6 +274,23 @@ def test_cluster_url_errors() -> None:
     assert parse_url("redis+cluster://s3cret@h:1") == ([("h", 1)], None, "s3cret")
 
 
+def test_cluster_takes_the_redis_options(cluster: Cluster, run_dir: str) -> None:
+    """SHAREDSTATE_REDIS_OPTIONS reach every node's connections on redis+cluster://
+    (here a client name that the slot's master lists)."""
+    app = make_app("redis-cluster", run_dir, name="named")
+    app.config["SHAREDSTATE_REDIS_OPTIONS"] = {"client_name": "fss-options-test"}
+    shared = SharedState(app)
+    try:
+        shared.set("x", 1)
+        assert shared.incr("x") == 2
+        master = cluster.owner(cluster.slot_of(app.config["SHAREDSTATE_NAMESPACE"]))
+        clients = cluster.nodes[master].execute_command("CLIENT", "LIST")
+        text = clients.decode() if isinstance(clients, bytes) else str(clients)
+        assert "name=fss-options-test" in text
+    finally:
+        shared.state().backend.close()
+
+
 def test_unreachable_cluster_boots_then_fails_fast(redis_cluster_url: str, run_dir: str) -> None:
     """An app whose cluster is down boots, and each operation fails with
     SharedStateUnavailable instead of hanging or crashing init_app."""

@@ -385,8 +385,9 @@ def test_wrong_password_is_an_authentication_error(acl: Callable[..., str], run_
         (
             "redis+cluster://h:1",
             {"ssl_ca_certs": "/ca.pem"},
-            "not supported with redis\\+cluster://",
+            "'ssl_ca_certs'.*need rediss\\+cluster",
         ),
+        ("redis+cluster://h:1", {"ssl_min_version": 2}, "'ssl_min_version'"),
         ("redis+cluster://h", None, "host:port"),
         ("redis+cl://h:1", None, "redis\\+cluster://host:port"),
         ("rediss://h/0", {"ssl_ca_cert": "/x"}, "'ssl_ca_cert'.*did you mean 'ssl_ca_certs'"),

@@ -55,7 +55,6 @@ from ..errors import ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
 from .redis_client import connect, redact, refused, unavailable
-from .redis_cluster import SCHEME as CLUSTER_SCHEME
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -258,15 +257,10 @@ class RedisBackend(Backend):
         self._lease_ms = _ms(lease)
         self._sign_key = hmac.digest(key, b"flask-sharedstate redis values", "sha256")
         self.client: Any
-        if url.startswith(CLUSTER_SCHEME):
-            from .redis_cluster import ClusterClient
-
-            self.client = ClusterClient(url, timeout, self._apply_defaults)
-        else:
-            # No silent retries: a write whose reply was lost must not be applied twice.
-            # Each reply, and connecting, is bounded by the timeout; new connections
-            # apply the defaults (_connected) before their first command.
-            self.client = connect(url, options or {}, timeout, self._connected)
+        # No silent retries: a write whose reply was lost must not be applied twice.
+        # Each reply, and connecting, is bounded by the timeout; new connections
+        # apply the defaults (_connected) before their first command.
+        self.client = connect(url, options or {}, timeout, self._connected)
         tag = "{" + namespace + "}:"
         self._prefix = tag + "k:"
         self._lock_prefix = tag + "lock:"

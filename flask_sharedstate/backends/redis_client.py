@@ -104,16 +104,14 @@ def check(url: str, options: Any) -> dict[str, Any]:
     :returns: the options, as a new dict.
     :raises ConfigError: naming the key and what to do.
     """
-    if url.startswith(CLUSTER_SCHEME):
-        return _check_cluster(url, options)
-    if not url.startswith((*SCHEMES, *SENTINEL_SCHEMES, TLS_CLUSTER_SCHEME)):
+    if not url.startswith((*SCHEMES, *SENTINEL_SCHEMES, CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected a redis://,"
             f" rediss:// or unix:// URL, {SENTINEL_SCHEME}host:port,host:port/service, or"
             f" {CLUSTER_SCHEME}host:port[,host:port...] for a Redis Cluster (TLS:"
             f" {TLS_SENTINEL_SCHEME}..., {TLS_CLUSTER_SCHEME}...)."
         )
-    if url.startswith(TLS_CLUSTER_SCHEME):
+    if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         _cluster_nodes(url)  # raises ConfigError
     if url.startswith(SCHEMES):
         try:
@@ -154,7 +152,7 @@ def check(url: str, options: Any) -> dict[str, Any]:
                     )
                 elif name == "ssl":
                     hint = " (TLS is on already: the URL's scheme says so.)"
-                elif url.startswith(TLS_CLUSTER_SCHEME):
+                elif url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
                     hint = " (redis-py's cluster client drops it without a word.)"
                 raise ConfigError(
                     f"{where}: {name!r} is not an argument redis-py takes for a {scheme} URL"
@@ -182,18 +180,6 @@ def check(url: str, options: Any) -> dict[str, Any]:
     if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
     return dict(options)
-
-
-def _check_cluster(url: str, options: Any) -> dict[str, Any]:
-    """A ``redis+cluster://`` URL: its nodes parse; no options (not supported there yet)."""
-    _cluster_nodes(url)
-    if options:
-        raise ConfigError(
-            f"SHAREDSTATE_REDIS_OPTIONS is not supported with {CLUSTER_SCHEME} URLs yet:"
-            " remove it, and put the user and password in the URL; for TLS, write"
-            f" {TLS_CLUSTER_SCHEME}, which takes them (and the ssl_* arguments)."
-        )
-    return {}
 
 
 def _cluster_nodes(url: str) -> None:
@@ -226,7 +212,7 @@ def _arguments(url: str) -> set[str] | None:
             names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
     if url.startswith(SENTINEL_SCHEMES):
         names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
-    if url.startswith(TLS_CLUSTER_SCHEME):
+    if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         from redis.cluster import REDIS_ALLOWED_KEYS
 
         names &= set(REDIS_ALLOWED_KEYS)  # (RedisCluster drops the others without a word)
