@@ -414,9 +414,11 @@ class StateServer:
             beats += 1
             if beats % 10 or not table.moved():
                 continue
-            new = VersionTable.open(table.path)
             with self.store.cond:
+                # Retired before the new file exists: whoever finds the new file can
+                # no longer be answered by the old one.
                 table.retire()
+                new = VersionTable.open(table.path)
                 self.store.versions = new
             table.close()
             log.warning(
