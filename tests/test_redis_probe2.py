@@ -1,0 +1,184 @@
+"""Adversarial probes of the redis backend's direct path, per-block claims and URLs.
+
+Real redis-servers on loopback (the session's one, or one of the test's own),
+real signals; each test stops what it starts, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+import redis as redis_client
+
+from flask_sharedstate import ConfigError, LockTimeout, SharedState, SharedStateUnavailable
+from flask_sharedstate.backends.redis_client import redact
+
+from conftest import free_port, make_app, start_redis, stop_process
+
+
+def test_odd_keys_values_and_a_unicode_namespace_read_as_redis_py_reads_them(
+    redis_url: str, run_dir: str
+) -> None:
+    """The direct path's GET and EVALSHA frame keys with CRLF, $ and * in them, non-ASCII
+    text, empty and large values and big or negative ints exactly as execute_command
+    does: each value written reads back, and sits under the key redis-py would name."""
+    app = make_app("redis", run_dir, SHAREDSTATE_NAMESPACE="ns-é☃-" + os.path.basename(run_dir))
+    shared = SharedState(app)
+    values: dict[str, Any] = {
+        "a\r\nb": "x",
+        "$3\r\nGET": b"",
+        "*2\r\n$3": "",
+        "é☃\U0001f600": "é☃" * 1000,
+        "big": 2**63 - 1,
+        "neg": -(2**63),
+        "huger": 2**70,  # (a pickle, not a Redis integer)
+        "float": -1.5e300,
+        "bytes": bytes(range(256)) * 4000,  # about 1 MB
+        "": "empty key",
+    }
+    with app.app_context():
+        for key, value in values.items():
+            shared.set(key, value)
+        for key, value in values.items():
+            assert shared.get(key) == value, key
+        assert shared.incr("neg", -0) == -(2**63)
+        backend: Any = shared.state().backend
+        prefix = backend._prefix
+    plain = redis_client.Redis.from_url(redis_url)
+    try:
+        for key in values:  # the same key names as execute_command packs them
+            assert plain.exists(prefix + key) == 1, key
+    finally:
+        plain.close()
+
+
+def test_an_interrupt_between_a_get_and_its_reply_leaves_no_reply_for_the_next(
+    run_dir: str,
+) -> None:
+    """A KeyboardInterrupt (a signal's handler) while a get waits for its reply
+    drops that connection: after Redis answers again, the next get of another key
+    reads its own value, not the interrupted one's."""
+    port = free_port()
+    proc = start_redis(port, run_dir)
+    app = make_app("redis", run_dir, SHAREDSTATE_TIMEOUT=30.0)
+    app.config["SHAREDSTATE_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    shared = SharedState(app)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with app.app_context():
+            shared.set("first", "first value")
+            shared.set("second", "second value")
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.5)
+                with pytest.raises(KeyboardInterrupt):
+                    shared.get("first")  # sent; its reply comes after the interrupt
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                os.kill(proc.pid, signal.SIGCONT)
+            for _ in range(5):
+                assert shared.get("second") == "second value"
+            assert shared.get("first") == "first value"
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        stop_process(proc)
+
+
+def test_a_block_whose_first_read_timed_out_does_not_take_the_open_blocks_abort(
+    redis_url: str, run_dir: str
+) -> None:
+    """Two asyncio tasks of one thread: the first holds an atomic block open, the
+    second's block waits for it and times out (LockTimeout); then the first block
+    raises, and its abort drops its own claims at once (before: the abort went to
+    the second block's token, and the first block's claims stayed until the lease)."""
+    app = make_app("redis", run_dir, SHAREDSTATE_LEASE=30.0)
+    shared = SharedState(app)
+
+    class Boom(Exception):
+        pass
+
+    async def first(opened: asyncio.Event, second_done: asyncio.Event) -> None:
+        with shared.atomic(timeout=5):
+            shared.dict.get("a")
+            opened.set()
+            await second_done.wait()
+            raise Boom
+
+    async def second(opened: asyncio.Event, second_done: asyncio.Event) -> None:
+        await opened.wait()
+        try:
+            with pytest.raises(LockTimeout), shared.atomic(timeout=0.5):
+                shared.dict.get("b")  # waits for the first block (the loop with it)
+        finally:
+            second_done.set()
+
+    async def main() -> None:
+        opened, second_done = asyncio.Event(), asyncio.Event()
+        results = await asyncio.gather(
+            first(opened, second_done), second(opened, second_done), return_exceptions=True
+        )
+        assert isinstance(results[0], Boom), results
+        assert results[1] is None, results
+
+    with app.app_context():
+        asyncio.run(main())
+        backend: Any = shared.state().backend
+        plain = redis_client.Redis.from_url(redis_url)
+        try:
+            # No block holds the namespace's slot: a plain write goes through at once.
+            assert plain.hget(backend._txn, "owner") is None
+        finally:
+            plain.close()
+        shared.set("a", 1)  # (SHAREDSTATE_TIMEOUT would raise LockTimeout if claimed)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://s3cr%2Fet@127.0.0.1:{port}",
+        "rediss+cluster://s3cr%2Fet@127.0.0.1:{port}",
+    ],
+)
+def test_a_cluster_password_given_alone_is_never_shown(url: str, run_dir: str) -> None:
+    """A cluster URL's lone user information is read as the password (redis://secret@host):
+    neither redact, a ConfigError, the SharedStateUnavailable of an unreachable
+    cluster nor the backend's repr shows it (before: all of them did)."""
+    port = free_port()  # nothing listens there
+    url = url.format(port=port)
+    assert "s3cr" not in redact(url)
+    with pytest.raises(ConfigError) as refused:
+        SharedState(make_app("redis", run_dir, SHAREDSTATE_REDIS_URL=url + "/0"))
+    assert "s3cr" not in str(refused.value)
+    app = make_app("redis", run_dir, SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_TIMEOUT=1.0)
+    if url.startswith("rediss"):
+        app.config["SHAREDSTATE_REDIS_OPTIONS"] = {"ssl_cert_reqs": "none"}
+    shared = SharedState(app)
+    with app.app_context():
+        with pytest.raises(SharedStateUnavailable) as down:
+            shared.get("k")
+        backend = shared.state().backend
+        assert "s3cr" not in str(down.value)
+        assert "s3cr" not in repr(backend) + str(getattr(backend, "address", ""))
+
+
+@pytest.mark.parametrize("raw", ["6380#ab", "6380/ab", "6380?ab"])
+def test_a_password_with_a_raw_reserved_character_is_refused_not_misread(
+    raw: str, redis_url: str, run_dir: str
+) -> None:
+    """redis://:6380#ab@host:port (a password with an unencoded # / or ?) is refused
+    at init_app with how to encode it; before, the URL parsed as host 'localhost',
+    port 6380, no password, and the app went to another server than the one named."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    url = f"redis://:{raw}@127.0.0.1:{port}/0"
+    app = make_app("redis", run_dir, SHAREDSTATE_REDIS_URL=url)
+    with pytest.raises(ConfigError, match="percent-encoded") as refused:
+        SharedState(app)
+    assert raw not in str(refused.value)
