@@ -81,10 +81,11 @@ class _Session:
 
     def begin(self) -> str:
         """A new atomic block's token: never the owner of an earlier block's claims,
-        so aborting a failed block again can never drop a later block's."""
+        so aborting a failed block again can never drop a later block's. (It becomes
+        the open block once its first read succeeds: one that failed, say held up by
+        another task's block on this thread, must not take that block's abort.)"""
         self.blocks += 1
-        self.block = f"{self.token}.{self.blocks}"
-        return self.block
+        return f"{self.token}.{self.blocks}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -699,7 +700,8 @@ class RedisBackend(Backend):
         self, keys: list[str], timeout: float, session_id: str | None = None
     ) -> tuple[str, list[Packed | None]]:
         # The block's token, returned as its session id: its own, not the thread's.
-        token = session_id or self._session().begin()
+        session = self._session()
+        token = session_id or session.begin()
         data_keys = [self._key(k) for k in keys]
         try:
             reply = self._run(
@@ -715,6 +717,8 @@ class RedisBackend(Backend):
             raise
         if reply[0] == b"lost":
             raise _lost()
+        if not session_id:
+            session.block = token
         return token, [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
 
     def op_txn_commit(

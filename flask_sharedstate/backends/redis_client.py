@@ -117,12 +117,21 @@ def check(url: str, options: Any) -> dict[str, Any]:
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError
+            misread = "@" not in parts.netloc and (
+                "@" in parts.fragment
+                or "@" in parts.query.partition("=")[0]
+                or ("@" in parts.path and not url.startswith("unix://"))
+            )
         except ValueError:
+            misread = True
+        if misread:
+            # (A raw # / or ? in the password ends the host part early: urllib then
+            # reads the host as localhost, and a port from the password, maybe.)
             raise ConfigError(
                 f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: its host, port or"
                 " password does not parse; expected redis://[user:password@]host[:port][/db]"
                 f" (or rediss://, unix:///path?db=0).{ENCODE}"
-            ) from None
+            )
     if options is None:
         options = {}
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
@@ -538,6 +547,8 @@ def redact(url: str) -> str:
     userinfo, at, rest = rest.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
+    elif at and scheme + "://" in (CLUSTER_SCHEME, TLS_CLUSTER_SCHEME):
+        userinfo = "***"  # (a cluster URL's lone user information is its password)
     masked = f"{scheme}://{userinfo}{at}{rest}"
     # Passwords in query parameters too (password=, ssl_password=, ...).
     return re.sub(r"([?&][^=&?]*password[^=&?]*=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
