@@ -182,3 +182,38 @@ def test_a_password_with_a_raw_reserved_character_is_refused_not_misread(
     with pytest.raises(ConfigError, match="percent-encoded") as refused:
         SharedState(app)
     assert raw not in str(refused.value)
+
+
+@pytest.mark.parametrize("kind", ["manager", "redis", "redis-cluster"])
+def test_a_moving_window_inside_an_open_atomic_block_answers_as_on_the_manager(
+    kind: str, request: pytest.FixtureRequest, run_dir: str
+) -> None:
+    """A moving-window hit (limits' acquire_entry) inside this thread's open atomic
+    block answers at once, as on the manager: hits recorded whether the block then
+    commits or raises, the limit kept (before, on Redis: the hit waited for the
+    thread's own block, SHAREDSTATE_TIMEOUT, then raised LockTimeout)."""
+    from flask_sharedstate.limiter import SharedStateStorage
+
+    if kind != "manager":
+        request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
+    app = make_app(kind, run_dir, SHAREDSTATE_TIMEOUT=3.0)
+    shared = SharedState(app)
+    storage = SharedStateStorage()
+
+    class Boom(Exception):
+        pass
+
+    answers: list[Any] = []
+    with app.app_context():
+        with shared.atomic():
+            shared.dict["other"] = shared.dict.get("other", 0) + 1  # the block's claim
+            answers += [storage.acquire_entry("w", 3, 60), storage.acquire_entry("w", 3, 60)]
+        with pytest.raises(Boom), shared.atomic():
+            shared.dict["other"] = shared.dict.get("other", 0) + 1
+            answers += [storage.acquire_entry("w", 3, 60), storage.acquire_entry("w", 3, 60)]
+            raise Boom
+        answers.append(storage.acquire_entry("w", 3, 60))
+        assert answers == [True, True, True, False, False]
+        assert storage.get_moving_window("w", 3, 60)[1] == 3
+        assert shared.get("other") == 1  # (the block that raised wrote nothing)
+        shared.set("other", 5)  # no claim left
