@@ -755,6 +755,22 @@ class RedisBackend(Backend):
         # round trips, with the same claims as any other.
         session = self._session()
         outer = session.block  # (a block of the caller's, if any, is still its own)
+        if outer is not None:
+            # Inside this thread's open block, which holds the namespace's block slot:
+            # a block of its own would wait for it (and take the slot when its lease
+            # ran out). The hit joins it, as the store's session does, and is written now.
+            _, (packed,) = self.op_txn_read([key], self._timeout, outer)
+            entries = [] if packed is None else unpack(packed)
+            if type(entries) is not list:
+                raise TypeError(f"key {key!r} does not hold a moving window")
+            fresh = [t for t in entries if t > now - expiry]
+            if len(fresh) + amount > limit:
+                return False
+            hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
+            args = [outer, self._encode(key, hits), _ms(expiry)]
+            if self._eval("txn_set", [self._txn, self._key(key)], args)[0] == b"lost":
+                raise _lost()
+            return True
         try:
             session_id, (packed,) = self.op_txn_read([key], self._timeout)
             try:
