@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import redis as redis_client
 from flask_sharedstate import ConfigError, LockTimeout, SharedState, SharedStateUnavailable
 from flask_sharedstate.backends.redis_client import redact
 
-from conftest import free_port, make_app, start_redis, stop_process
+from conftest import free_port, make_app, start_redis, stop_process, wait_for
 
 
 def test_odd_keys_values_and_a_unicode_namespace_read_as_redis_py_reads_them(
@@ -57,7 +58,7 @@ def test_odd_keys_values_and_a_unicode_namespace_read_as_redis_py_reads_them(
 
 
 def test_an_interrupt_between_a_get_and_its_reply_leaves_no_reply_for_the_next(
-    run_dir: str,
+    redis_url: str, run_dir: str
 ) -> None:
     """A KeyboardInterrupt (a signal's handler) while a get waits for its reply
     drops that connection: after Redis answers again, the next get of another key
@@ -217,3 +218,48 @@ def test_a_moving_window_inside_an_open_atomic_block_answers_as_on_the_manager(
         assert storage.get_moving_window("w", 3, 60)[1] == 3
         assert shared.get("other") == 1  # (the block that raised wrote nothing)
         shared.set("other", 5)  # no claim left
+
+
+def test_a_full_connection_pool_says_so_and_that_nothing_was_sent(
+    redis_url: str, run_dir: str
+) -> None:
+    """With SHAREDSTATE_REDIS_OPTIONS max_connections=1 and the one connection busy
+    (another thread's get, Redis stopped), a write fails at once, as redis-py's pool
+    does, with an error naming max_connections and saying it was not sent (before:
+    'could not be used within 2s ... may or may not have been applied')."""
+    port = free_port()
+    proc = start_redis(port, run_dir)
+    app = make_app(
+        "redis",
+        run_dir,
+        SHAREDSTATE_TIMEOUT=10.0,
+        SHAREDSTATE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        SHAREDSTATE_REDIS_OPTIONS={"max_connections": 1},
+    )
+    shared = SharedState(app)
+    got: list[Any] = []
+
+    def reader() -> None:
+        with app.app_context():
+            got.append(shared.get("k"))
+
+    thread = threading.Thread(target=reader)
+    try:
+        with app.app_context():
+            shared.set("k", "v")
+            pool = shared.state().backend._pool  # type: ignore[attr-defined]
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                thread.start()
+                wait_for(lambda: len(pool._in_use_connections) == 1)  # the reader's
+                with pytest.raises(SharedStateUnavailable) as full:
+                    shared.set("k", "w")
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+                thread.join(30)
+            assert got == ["v"]
+            assert "max_connections" in str(full.value), full.value
+            assert "was not sent" in str(full.value), full.value
+            assert shared.get("k") == "v"  # (indeed not applied)
+    finally:
+        stop_process(proc)
