@@ -467,6 +467,15 @@ def unavailable(
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
         )
+    full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
+    if isinstance(exc, full) or str(exc) == "Too many connections":
+        return SharedStateUnavailable(
+            f"Redis at {address}: every connection of this process's pool was in use"
+            f" ({what}): {op!r} was not sent, at once (redis-py's pool does not wait for"
+            " one). Raise max_connections in SHAREDSTATE_REDIS_OPTIONS to the threads (or"
+            " greenlets) of a worker that use the app, plus one (the lease renewal), or"
+            " remove it."
+        )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(
             f"Redis at {address} did not answer {op!r} within {timeout:g}s"
