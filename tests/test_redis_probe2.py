@@ -263,3 +263,46 @@ def test_a_full_connection_pool_says_so_and_that_nothing_was_sent(
             assert shared.get("k") == "v"  # (indeed not applied)
     finally:
         stop_process(proc)
+
+
+@pytest.mark.parametrize("kind", ["manager", "redis"])
+def test_a_child_forked_inside_an_atomic_block_cannot_commit_the_parents_block(
+    kind: str, request: pytest.FixtureRequest, run_dir: str
+) -> None:
+    """A process forked inside an open atomic block: the child's commit of the block it
+    inherited fails (AtomicBlockLost, nothing written), and the parent's block goes on
+    and commits, as on the manager (before, on Redis: the child's commit took the
+    parent's claims and wrote, and the parent's commit was AtomicBlockLost)."""
+    from flask_sharedstate import AtomicBlockLost
+
+    if kind == "redis":
+        request.getfixturevalue("redis_url")
+    app = make_app(kind, run_dir, SHAREDSTATE_TIMEOUT=5.0)
+    shared = SharedState(app)
+    parent = os.getpid()
+    pid = -1
+    code = 3  # (the child's: 0 refused, 1 committed)
+    try:
+        with app.app_context():
+            shared.set("x", "before")
+            try:
+                with shared.atomic():
+                    assert shared.dict["x"] == "before"
+                    pid = os.fork()
+                    if pid == 0:
+                        shared.dict["x"] = "child"  # then the inherited block commits
+                    else:
+                        _, status = os.waitpid(pid, 0)
+                        shared.dict["x"] = "parent"
+            except AtomicBlockLost:
+                if os.getpid() == parent:
+                    raise
+                code = 0
+            else:
+                code = 1
+            if os.getpid() == parent:
+                assert os.waitstatus_to_exitcode(status) == 0, "the child's commit went through"
+                assert shared.get("x") == "parent"
+    finally:
+        if os.getpid() != parent:  # pragma: no cover - the child
+            os._exit(code)
