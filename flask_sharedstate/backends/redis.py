@@ -700,6 +700,7 @@ class RedisBackend(Backend):
         self, keys: list[str], timeout: float, session_id: str | None = None
     ) -> tuple[str, list[Packed | None]]:
         # The block's token, returned as its session id: its own, not the thread's.
+        _check_process(session_id)
         session = self._session()
         token = session_id or session.begin()
         data_keys = [self._key(k) for k in keys]
@@ -727,6 +728,7 @@ class RedisBackend(Backend):
         timeout: float,
         session_id: str | None = None,
     ) -> None:
+        _check_process(session_id)
         session = self._session()
         if session.block == session_id:
             session.block = None  # ended here, whatever happens
@@ -839,6 +841,20 @@ def _raw_eval(connection: Any, script: str, keys: list[str], args: list[Any]) ->
     """EVAL on one connection, bypassing the pool (for the new-connection hook)."""
     connection.send_command("EVAL", script, len(keys), *keys, *args)
     return connection.read_response()
+
+
+def _check_process(session_id: str | None) -> None:
+    """A block's token is its process's (``pid-...``): a child forked inside the block
+    must not read, commit or end it, as a child's connection to the state server
+    would not (the parent goes on with it)."""
+    if session_id and not session_id.startswith(f"{os.getpid()}-"):
+        from ..errors import AtomicBlockLost
+
+        raise AtomicBlockLost(
+            "this atomic block was begun by another process (this one was forked inside"
+            " it), which still holds it; nothing of it was written here. Begin a block of"
+            " this process's own."
+        )
 
 
 def _lost() -> RuntimeError:
