@@ -306,3 +306,31 @@ def test_a_child_forked_inside_an_atomic_block_cannot_commit_the_parents_block(
     finally:
         if os.getpid() != parent:  # pragma: no cover - the child
             os._exit(code)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "says"),
+    [
+        ("redis+sentinel://127.0.0.1:1/m?sentinel_kwargs=x", {}, "SHAREDSTATE_REDIS_OPTIONS"),
+        ("redis://127.0.0.1:1/0?sentinel_kwargs=x", {}, "SHAREDSTATE_REDIS_OPTIONS"),
+        ("redis+sentinel://127.0.0.1:1/m", {"sentinel_kwargs": {"pasword": "x"}}, "'password'"),
+    ],
+)
+def test_a_misplaced_or_misspelt_sentinel_argument_is_refused_at_init_app(
+    url: str, options: dict[str, Any], says: str, redis_url: str, run_dir: str
+) -> None:
+    """sentinel_kwargs in the URL's query, or a name redis-py does not take inside
+    sentinel_kwargs, is a ConfigError at init_app that says what to write (before: a
+    bare ValueError or TypeError from redis-py at init_app, or at the first request)."""
+    app = make_app("redis", run_dir, SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_REDIS_OPTIONS=options)
+    with pytest.raises(ConfigError, match=says):
+        SharedState(app)
+    for fine in ({"ssl": False}, {"password": "p", "ssl_cert_reqs": "none"}):
+        options = {"sentinel_kwargs": fine}
+        app = make_app(
+            "redis",
+            run_dir,
+            SHAREDSTATE_REDIS_URL="rediss+sentinel://127.0.0.1:1/m",
+            SHAREDSTATE_REDIS_OPTIONS=options,
+        )
+        SharedState(app)  # (nothing is connected to before the first request)
