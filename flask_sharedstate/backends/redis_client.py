@@ -149,6 +149,11 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 )
     known = _arguments(url)
     scheme = url.split("://", 1)[0] + "://"
+    if "sentinel_kwargs" in query:
+        raise ConfigError(
+            "SHAREDSTATE_REDIS_URL: 'sentinel_kwargs' cannot be given in the URL: put it in"
+            " SHAREDSTATE_REDIS_OPTIONS, as a dict ({'sentinel_kwargs': {'password': ...}})."
+        )
     for where, names in given:
         for name in names:
             if known is not None and name not in known and name != "sentinel_kwargs":
@@ -180,11 +185,20 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 "SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' must be a dict of redis-py"
                 " connection arguments for the sentinels, e.g. {'password': '...'}."
             )
+        # (Each sentinel's client is a redis.Redis built with them: it takes no others.)
+        taken = _sentinel_arguments()
         for name in sentinel_kwargs:
             if name in OWNED:
                 raise ConfigError(
                     f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is the"
                     f" backend's own: {OWNED[name]}. Remove it."
+                )
+            if taken is not None and name not in taken:
+                close = difflib.get_close_matches(str(name), taken, 1)
+                raise ConfigError(
+                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is not an"
+                    " argument redis-py takes for a sentinel's connection"
+                    + (f": did you mean {close[0]!r}?" if close else ".")
                 )
     if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
@@ -226,6 +240,15 @@ def _arguments(url: str) -> set[str] | None:
 
         names &= set(REDIS_ALLOWED_KEYS)  # (RedisCluster drops the others without a word)
     return names - {"self", "args", "kwargs"} - set(OWNED)
+
+
+def _sentinel_arguments() -> set[str] | None:
+    """The arguments a sentinel's client (``redis.Redis``) takes (None: no redis-py)."""
+    try:
+        import redis
+    except ImportError:
+        return None
+    return set(inspect.signature(redis.Redis.__init__).parameters) - {"self"} - set(OWNED)
 
 
 def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
