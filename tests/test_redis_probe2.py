@@ -334,3 +334,21 @@ def test_a_misplaced_or_misspelt_sentinel_argument_is_refused_at_init_app(
             SHAREDSTATE_REDIS_OPTIONS=options,
         )
         SharedState(app)  # (nothing is connected to before the first request)
+
+
+def test_a_first_read_of_a_value_not_signed_leaves_no_claim(redis_url: str, run_dir: str) -> None:
+    """An atomic block whose first read meets a value this app did not sign raises
+    ValueError and claims nothing after (before: its claims, the namespace's block slot
+    with them, stayed until the lease: the block's abort had no session id to send)."""
+    app = make_app("redis", run_dir, SHAREDSTATE_LEASE=30.0)
+    shared = SharedState(app)
+    with app.app_context():
+        backend: Any = shared.state().backend
+        plain = redis_client.Redis.from_url(redis_url)
+        try:
+            plain.set(backend._prefix + "bad", b"\x80not signed")
+            with pytest.raises(ValueError, match="not signed"), shared.atomic():
+                shared.dict.get("bad")
+            assert plain.hget(backend._txn, "owner") is None
+        finally:
+            plain.close()
