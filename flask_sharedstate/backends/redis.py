@@ -718,9 +718,15 @@ class RedisBackend(Backend):
             raise
         if reply[0] == b"lost":
             raise _lost()
+        try:
+            values = [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
+        except BaseException:  # (a value not signed with this app's key)
+            if not session_id:  # the caller never learns the token: end the block here
+                self._abort_block(token)
+            raise
         if not session_id:
             session.block = token
-        return token, [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
+        return token, values
 
     def op_txn_commit(
         self,
