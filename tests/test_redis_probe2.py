@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -352,3 +354,47 @@ def test_a_first_read_of_a_value_not_signed_leaves_no_claim(redis_url: str, run_
             assert plain.hget(backend._txn, "owner") is None
         finally:
             plain.close()
+
+
+GEVENT_APP = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from flask import Flask
+from flask_sharedstate import SharedState
+app = Flask("g")
+app.config.update(SHAREDSTATE_BACKEND="redis", SHAREDSTATE_REDIS_URL=sys.argv[1],
+                  SHAREDSTATE_NAMESPACE=sys.argv[2], SHAREDSTATE_KEY="k" * 32,
+                  SHAREDSTATE_TIMEOUT=20.0, SHAREDSTATE_LEASE=5.0,
+                  SHAREDSTATE_REDIS_OPTIONS={"max_connections": 60})
+shared = SharedState(app)
+def work():
+    with app.app_context():
+        for _ in range(10):
+            shared.incr("plain")
+            with shared.atomic():
+                shared.dict["cart"] = shared.dict.get("cart", 0) + 1
+                gevent.sleep(0)
+            with shared.lock("L"):
+                shared.dict["locked"] = shared.dict.get("locked", 0) + 1
+                gevent.sleep(0)
+gevent.joinall([gevent.spawn(work) for _ in range(50)], timeout=120, raise_error=True)
+with app.app_context():
+    print(shared.get("plain"), shared.get("cart"), shared.get("locked"))
+"""
+
+
+def test_gevent_greenlets_share_the_pool_and_lose_no_update(redis_url: str, run_dir: str) -> None:
+    """Under gevent's monkey patching, 50 greenlets of one process (each its own
+    session: thread-locals are greenlet-locals) doing plain increments, atomic blocks
+    and locked updates on the direct path lose none of their 500 updates each."""
+    pytest.importorskip("gevent")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", GEVENT_APP, redis_url, "gevent-" + os.path.basename(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["500", "500", "500"], done.stdout
