@@ -81,10 +81,11 @@ class _Session:
 
     def begin(self) -> str:
         """A new atomic block's token: never the owner of an earlier block's claims,
-        so aborting a failed block again can never drop a later block's."""
+        so aborting a failed block again can never drop a later block's. (It becomes
+        the open block once its first read succeeds: one that failed, say held up by
+        another task's block on this thread, must not take that block's abort.)"""
         self.blocks += 1
-        self.block = f"{self.token}.{self.blocks}"
-        return self.block
+        return f"{self.token}.{self.blocks}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -699,7 +700,9 @@ class RedisBackend(Backend):
         self, keys: list[str], timeout: float, session_id: str | None = None
     ) -> tuple[str, list[Packed | None]]:
         # The block's token, returned as its session id: its own, not the thread's.
-        token = session_id or self._session().begin()
+        _check_process(session_id)
+        session = self._session()
+        token = session_id or session.begin()
         data_keys = [self._key(k) for k in keys]
         try:
             reply = self._run(
@@ -715,7 +718,15 @@ class RedisBackend(Backend):
             raise
         if reply[0] == b"lost":
             raise _lost()
-        return token, [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
+        try:
+            values = [self._decode(k, v) for k, v in zip(keys, reply[1:], strict=True)]
+        except BaseException:  # (a value not signed with this app's key)
+            if not session_id:  # the caller never learns the token: end the block here
+                self._abort_block(token)
+            raise
+        if not session_id:
+            session.block = token
+        return token, values
 
     def op_txn_commit(
         self,
@@ -723,6 +734,7 @@ class RedisBackend(Backend):
         timeout: float,
         session_id: str | None = None,
     ) -> None:
+        _check_process(session_id)
         session = self._session()
         if session.block == session_id:
             session.block = None  # ended here, whatever happens
@@ -751,6 +763,22 @@ class RedisBackend(Backend):
         # round trips, with the same claims as any other.
         session = self._session()
         outer = session.block  # (a block of the caller's, if any, is still its own)
+        if outer is not None:
+            # Inside this thread's open block, which holds the namespace's block slot:
+            # a block of its own would wait for it (and take the slot when its lease
+            # ran out). The hit joins it, as the store's session does, and is written now.
+            _, (packed,) = self.op_txn_read([key], self._timeout, outer)
+            entries = [] if packed is None else unpack(packed)
+            if type(entries) is not list:
+                raise TypeError(f"key {key!r} does not hold a moving window")
+            fresh = [t for t in entries if t > now - expiry]
+            if len(fresh) + amount > limit:
+                return False
+            hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
+            args = [outer, self._encode(key, hits), _ms(expiry)]
+            if self._eval("txn_set", [self._txn, self._key(key)], args)[0] == b"lost":
+                raise _lost()
+            return True
         try:
             session_id, (packed,) = self.op_txn_read([key], self._timeout)
             try:
@@ -819,6 +847,20 @@ def _raw_eval(connection: Any, script: str, keys: list[str], args: list[Any]) ->
     """EVAL on one connection, bypassing the pool (for the new-connection hook)."""
     connection.send_command("EVAL", script, len(keys), *keys, *args)
     return connection.read_response()
+
+
+def _check_process(session_id: str | None) -> None:
+    """A block's token is its process's (``pid-...``): a child forked inside the block
+    must not read, commit or end it, as a child's connection to the state server
+    would not (the parent goes on with it)."""
+    if session_id and not session_id.startswith(f"{os.getpid()}-"):
+        from ..errors import AtomicBlockLost
+
+        raise AtomicBlockLost(
+            "this atomic block was begun by another process (this one was forked inside"
+            " it), which still holds it; nothing of it was written here. Begin a block of"
+            " this process's own."
+        )
 
 
 def _lost() -> RuntimeError:

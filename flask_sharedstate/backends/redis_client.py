@@ -117,12 +117,21 @@ def check(url: str, options: Any) -> dict[str, Any]:
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError
+            misread = "@" not in parts.netloc and (
+                "@" in parts.fragment
+                or "@" in parts.query.partition("=")[0]
+                or ("@" in parts.path and not url.startswith("unix://"))
+            )
         except ValueError:
+            misread = True
+        if misread:
+            # (A raw # / or ? in the password ends the host part early: urllib then
+            # reads the host as localhost, and a port from the password, maybe.)
             raise ConfigError(
                 f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: its host, port or"
                 " password does not parse; expected redis://[user:password@]host[:port][/db]"
                 f" (or rediss://, unix:///path?db=0).{ENCODE}"
-            ) from None
+            )
     if options is None:
         options = {}
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
@@ -140,6 +149,11 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 )
     known = _arguments(url)
     scheme = url.split("://", 1)[0] + "://"
+    if "sentinel_kwargs" in query:
+        raise ConfigError(
+            "SHAREDSTATE_REDIS_URL: 'sentinel_kwargs' cannot be given in the URL: put it in"
+            " SHAREDSTATE_REDIS_OPTIONS, as a dict ({'sentinel_kwargs': {'password': ...}})."
+        )
     for where, names in given:
         for name in names:
             if known is not None and name not in known and name != "sentinel_kwargs":
@@ -171,11 +185,20 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 "SHAREDSTATE_REDIS_OPTIONS: 'sentinel_kwargs' must be a dict of redis-py"
                 " connection arguments for the sentinels, e.g. {'password': '...'}."
             )
+        # (Each sentinel's client is a redis.Redis built with them: it takes no others.)
+        taken = _sentinel_arguments()
         for name in sentinel_kwargs:
             if name in OWNED:
                 raise ConfigError(
                     f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is the"
                     f" backend's own: {OWNED[name]}. Remove it."
+                )
+            if taken is not None and name not in taken:
+                close = difflib.get_close_matches(str(name), taken, 1)
+                raise ConfigError(
+                    f"SHAREDSTATE_REDIS_OPTIONS: {name!r} (in 'sentinel_kwargs') is not an"
+                    " argument redis-py takes for a sentinel's connection"
+                    + (f": did you mean {close[0]!r}?" if close else ".")
                 )
     if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
@@ -217,6 +240,15 @@ def _arguments(url: str) -> set[str] | None:
 
         names &= set(REDIS_ALLOWED_KEYS)  # (RedisCluster drops the others without a word)
     return names - {"self", "args", "kwargs"} - set(OWNED)
+
+
+def _sentinel_arguments() -> set[str] | None:
+    """The arguments a sentinel's client (``redis.Redis``) takes (None: no redis-py)."""
+    try:
+        import redis
+    except ImportError:
+        return None
+    return set(inspect.signature(redis.Redis.__init__).parameters) - {"self"} - set(OWNED)
 
 
 def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
@@ -458,6 +490,15 @@ def unavailable(
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
         )
+    full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
+    if isinstance(exc, full) or str(exc) == "Too many connections":
+        return SharedStateUnavailable(
+            f"Redis at {address}: every connection of this process's pool was in use"
+            f" ({what}): {op!r} was not sent, at once (redis-py's pool does not wait for"
+            " one). Raise max_connections in SHAREDSTATE_REDIS_OPTIONS to the threads (or"
+            " greenlets) of a worker that use the app, plus one (the lease renewal), or"
+            " remove it."
+        )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(
             f"Redis at {address} did not answer {op!r} within {timeout:g}s"
@@ -538,6 +579,8 @@ def redact(url: str) -> str:
     userinfo, at, rest = rest.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
+    elif at and scheme + "://" in (CLUSTER_SCHEME, TLS_CLUSTER_SCHEME):
+        userinfo = "***"  # (a cluster URL's lone user information is its password)
     masked = f"{scheme}://{userinfo}{at}{rest}"
     # Passwords in query parameters too (password=, ssl_password=, ...).
     return re.sub(r"([?&][^=&?]*password[^=&?]*=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)

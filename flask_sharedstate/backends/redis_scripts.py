@@ -208,6 +208,13 @@ end
 if owner == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'ok'}
 """,
+    # KEYS: txn, key; ARGV: token, value, ttl ms: a write of the open block's own, now
+    # (a moving window's hit inside the block: the block claims the key, and goes on)
+    "txn_set": """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {'lost'} end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {'ok'}
+""",
     # KEYS: txn; ARGV: token... (the blocks to end: a block that ended already is none of them)
     "txn_abort": """
 local owner = redis.call('HGET', KEYS[1], 'owner')
