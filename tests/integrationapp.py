@@ -61,25 +61,25 @@ def worker() -> dict[str, int]:
 
 
 @app.get("/limited/fixed-window")
-@limiters["fixed-window"].limit("100/minute")
+@limiters["fixed-window"].limit("100/hour")
 def limited_fixed() -> str:
     return "ok"
 
 
 @app.get("/limited/moving-window")
-@limiters["moving-window"].limit("100/minute")
+@limiters["moving-window"].limit("100/hour")
 def limited_moving() -> str:
     return "ok"
 
 
 @app.get("/limited/sliding-window-counter")
-@limiters["sliding-window-counter"].limit("100/minute")
+@limiters["sliding-window-counter"].limit("100/hour")
 def limited_sliding() -> str:
     return "ok"
 
 
 @app.get("/limited/memory")
-@per_process.limit("100/minute")
+@per_process.limit("100/hour")
 def limited_memory() -> str:
     return "ok"
 

@@ -103,18 +103,18 @@ def statuses(responses: list[Any]) -> Counter[int]:
     return Counter(r.status for r in responses)
 
 
-def _early_in_a_minute() -> None:
-    """The sliding-window counter weighs the previous minute's hits: start a run early in a
-    minute, so that 400 requests (a few seconds) never straddle two windows."""
-    if time.time() % 60 > 40:
-        time.sleep(60.5 - time.time() % 60)
+def _not_at_the_end_of_an_hour() -> None:
+    """The limits are per hour, and the sliding-window counter weighs the previous window's
+    hits: 400 requests (a few seconds) must not straddle two windows."""
+    if time.time() % 3600 > 3570:
+        time.sleep(3600.5 - time.time() % 3600)
 
 
 @pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
 def test_rate_limit_is_exact_across_workers(site: Site, strategy: str) -> None:
-    """100/minute per client, 400 requests from 16 concurrent connections over 4 workers:
+    """100/hour per client, 400 requests from 16 concurrent connections over 4 workers:
     exactly 100 pass and 300 get 429, for every Flask-Limiter strategy."""
-    _early_in_a_minute()
+    _not_at_the_end_of_an_hour()
     responses = site.load(f"/limited/{strategy}", 400)
     assert statuses(responses) == {200: 100, 429: 300}
     # Another client has its own 100.
