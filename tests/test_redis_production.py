@@ -72,6 +72,9 @@ def plain_args(port: int, folder: str) -> list[str]:
     return ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + [
         "--dir",
         folder,
+        # A replica's first sync at once: a master waits 5 s by default for more replicas.
+        "--repl-diskless-sync-delay",
+        "0",
     ]
 
 
@@ -442,15 +445,24 @@ def start_sentinels(
     replica_args += ["--replicaof", "127.0.0.1", str(master_port)]
     replica = spawn_redis(redises, folder, "replica", replica_args, data(replica_port))
     sentinel_ports = [free_port() for _ in range(3)]
+    # Each sentinel is told its own id, the replica and the other sentinels, as a
+    # rewritten sentinel.conf would: else they learn them from hello messages and
+    # INFO in 4-5 s, which every test would wait for.
+    ids = {port: os.urandom(20).hex() for port in sentinel_ports}
     for port in sentinel_ports:
         conf = os.path.join(folder, f"sentinel-{port}.conf")
         with open(conf, "w") as f:
             f.write(
                 f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"sentinel myid {ids[port]}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
+                f"sentinel known-replica {SERVICE} 127.0.0.1 {replica_port}\n"
             )
+            for other in sentinel_ports:
+                if other != port:
+                    f.write(f"sentinel known-sentinel {SERVICE} 127.0.0.1 {other} {ids[other]}\n")
             if password:
                 f.write(f"sentinel auth-pass {SERVICE} {password}\n")
             if sentinel_password:

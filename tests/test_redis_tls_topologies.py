@@ -222,6 +222,7 @@ def tls_sentinel(
         master_port, replica_port = free_port(), free_port()
         base = ["--port", "0", *BIND, "--save", "", "--appendonly", "no"]
         base += ["--dir", folder, *tls_server_args(files)]
+        base += ["--repl-diskless-sync-delay", "0"]  # (the replica's sync at once, not in 5 s)
         master = spawn_redis(
             started,
             folder,
