@@ -235,28 +235,33 @@ def start_redis_cluster(folder: str, masters: int = 3) -> tuple[list[Any], list[
             stdout=subprocess.DEVNULL,
             timeout=60,
         )
-        clients = [redis.Redis(port=p) for p in ports]
-        try:
-
-            def ready() -> bool:
-                for client in clients:
-                    info = client.execute_command("CLUSTER", "INFO").decode()
-                    if "cluster_state:ok" not in info:
-                        return False
-                    nodes = client.execute_command("CLUSTER", "NODES")
-                    if len(nodes.decode().splitlines()) != masters:
-                        return False
-                return True
-
-            wait_for(ready, timeout=60, interval=0.1)
-        finally:
-            for client in clients:
-                client.close()
+        wait_for_cluster([redis.Redis(port=p) for p in ports])
     except BaseException:
         for proc in procs:
             stop_process(proc)
         raise
     return procs, ports
+
+
+def wait_for_cluster(clients: list[Any]) -> None:
+    """Wait until every node (one client each; closed after) says the cluster is ok
+    and knows all the others."""
+    try:
+
+        def ready() -> bool:
+            for client in clients:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info:
+                    return False
+                nodes = client.execute_command("CLUSTER", "NODES")
+                if len(nodes.decode().splitlines()) != len(clients):
+                    return False
+            return True
+
+        wait_for(ready, timeout=60, interval=0.1)
+    finally:
+        for client in clients:
+            client.close()
 
 
 #: the cluster's node ports, for tests that move slots

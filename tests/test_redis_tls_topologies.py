@@ -22,7 +22,7 @@ from test_redis_production import make_ca, make_leaf, spawn_redis, use_everythin
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 
-from conftest import free_port, make_app, stop_process, wait_for
+from conftest import free_port, make_app, stop_process, wait_for, wait_for_cluster
 
 TIMEOUT = 2.0
 SERVICE = "fss-tls-service"
@@ -148,21 +148,7 @@ def tls_cluster(
             stdout=subprocess.DEVNULL,
             timeout=60,
         )
-        clients = [tls_client(p, files) for p in ports]
-        try:
-
-            def ready() -> bool:
-                for client in clients:
-                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
-                        return False
-                    if len(client.execute_command("CLUSTER", "NODES").splitlines()) != 3:
-                        return False
-                return True
-
-            wait_for(ready, timeout=60, interval=0.1)
-        finally:
-            for client in clients:
-                client.close()
+        wait_for_cluster([tls_client(p, files) for p in ports])
         yield {"ports": ports, "files": files}
     finally:
         for proc in started:
