@@ -172,6 +172,66 @@ def test_a_cluster_password_given_alone_is_never_shown(url: str, run_dir: str) -
         assert "s3cr" not in repr(backend) + str(getattr(backend, "address", ""))
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss+cluster://s3cret@n1:6379?ssl_ca_certs=/certs/a@b.pem",
+        "rediss://user:s3cret@h:6380/0?ssl_ca_certs=/certs/a@b.pem",
+        "rediss+sentinel://:s3cret@s1:1,s2:2/svc?ssl_certfile=/c@d.pem&ssl_keyfile=/k@e.pem",
+        "redis://:s3@cret@h:6379/0",
+    ],
+)
+def test_a_password_stays_masked_when_the_query_holds_an_at_sign(
+    url: str, redis_url: str, run_dir: str
+) -> None:
+    """An @ in the query (a certificate's path) does not move where the user information
+    ends: the password is masked in redact and in init_app's ConfigError (before: the
+    split went to the query's @, and 'rediss+cluster://s3cret@n1:***@b.pem' showed it)."""
+    assert "s3" not in redact(url)
+    assert "cret" not in redact(url)
+    app = make_app("redis", run_dir, SHAREDSTATE_REDIS_URL=url)
+    app.config["SHAREDSTATE_REDIS_OPTIONS"] = {"ssl_check_hostnam": True}  # a misspelt name
+    with pytest.raises(ConfigError) as refused:
+        SharedState(app)
+    assert "cret" not in str(refused.value)
+
+
+def test_tls_cluster_needs_a_redis_py_that_checks_host_names(
+    redis_url: str, run_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before redis-py 6 its cluster client drops ssl_check_hostname (nodes' names would go
+    unchecked): rediss+cluster:// is refused at init_app there, with what to upgrade
+    (the installed redis-py is made to say 5.2.1; the refusal reads only its version)."""
+    monkeypatch.setattr(redis_client, "__version__", "5.2.1")
+    app = make_app("redis", run_dir, SHAREDSTATE_REDIS_URL="rediss+cluster://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="needs redis-py 6 or later.*redis>=6"):
+        SharedState(app)
+    app = make_app(
+        "redis", run_dir, name="plain", SHAREDSTATE_REDIS_URL="redis+cluster://127.0.0.1:1"
+    )
+    SharedState(app)  # a plain cluster has no host names to check
+
+
+def test_a_moving_window_hit_in_a_block_that_is_gone_leaves_it(
+    redis_url: str, run_dir: str
+) -> None:
+    """A thread whose open block ended without it being told (an exception between the
+    block's first read and the caller learning its token): a moving-window hit raises
+    AtomicBlockLost once, and the next hit is a block of its own again (before: every
+    later hit of that thread joined the dead block and raised AtomicBlockLost)."""
+    app = make_app("redis", run_dir, name="gone")
+    shared = SharedState(app)
+    try:
+        backend = shared.state().backend
+        session = backend._session()
+        session.block = session.begin()  # a block this thread opened and never heard of again
+        with pytest.raises(RuntimeError, match="lost its claim"):
+            backend.op_window_acquire("w", 5, 60.0, 1, 1000.0)
+        assert backend.op_window_acquire("w", 5, 60.0, 1, 1000.0) is True
+    finally:
+        shared.state().backend.close()
+
+
 @pytest.mark.parametrize("raw", ["6380#ab", "6380/ab", "6380?ab"])
 def test_a_password_with_a_raw_reserved_character_is_refused_not_misread(
     raw: str, redis_url: str, run_dir: str

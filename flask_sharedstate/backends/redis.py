@@ -44,17 +44,16 @@ import hmac
 import inspect
 import os
 import pickle
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import ConfigError, LockNotOwned, LockTimeout
+from ..errors import AtomicBlockLost, ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
-from .redis_client import connect, redact, refused, unavailable
+from .redis_client import connect, redact, redis_version, refused, unavailable
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -278,8 +277,7 @@ class RedisBackend(Backend):
         self._get_connection: Callable[[], Any] = lambda: None
         if isinstance(self.client, redis.Redis):
             pool = self._pool = self.client.connection_pool
-            version = tuple(int(n) for n in re.findall(r"\d+", redis.__version__)[:2])
-            if version < (5, 3):  # (the command's name is required there, unused)
+            if redis_version() < (5, 3):  # (the command's name is required there, unused)
                 self._get_connection = lambda: pool.get_connection("EVALSHA")
             else:  # (and deprecated since: a wrapper warns of arguments; none are given)
                 self._get_connection = inspect.unwrap(type(pool).get_connection).__get__(pool)
@@ -766,18 +764,25 @@ class RedisBackend(Backend):
         if outer is not None:
             # Inside this thread's open block, which holds the namespace's block slot:
             # a block of its own would wait for it (and take the slot when its lease
-            # ran out). The hit joins it, as the store's session does, and is written now.
-            _, (packed,) = self.op_txn_read([key], self._timeout, outer)
-            entries = [] if packed is None else unpack(packed)
-            if type(entries) is not list:
-                raise TypeError(f"key {key!r} does not hold a moving window")
-            fresh = [t for t in entries if t > now - expiry]
-            if len(fresh) + amount > limit:
-                return False
-            hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
-            args = [outer, self._encode(key, hits), _ms(expiry)]
-            if self._eval("txn_set", [self._txn, self._key(key)], args)[0] == b"lost":
-                raise _lost()
+            # ran out). The hit joins it and is written now; unlike the store's one-step hit,
+            # it claims the limit's key until the block ends (two round trips need it).
+            try:
+                _, (packed,) = self.op_txn_read([key], self._timeout, outer)
+                entries = [] if packed is None else unpack(packed)
+                if type(entries) is not list:
+                    raise TypeError(f"key {key!r} does not hold a moving window")
+                fresh = [t for t in entries if t > now - expiry]
+                if len(fresh) + amount > limit:
+                    return False
+                hits = pickle.dumps([float(now)] * amount + fresh, protocol=pickle.HIGHEST_PROTOCOL)
+                args = [outer, self._encode(key, hits), _ms(expiry)]
+                if self._eval("txn_set", [self._txn, self._key(key)], args)[0] == b"lost":
+                    raise _lost()
+            except AtomicBlockLost:
+                # That block is over (its lease ran out): no later hit of this thread joins it.
+                if session.block == outer:
+                    session.block = None
+                raise
             return True
         try:
             session_id, (packed,) = self.op_txn_read([key], self._timeout)
@@ -854,8 +859,6 @@ def _check_process(session_id: str | None) -> None:
     must not read, commit or end it, as a child's connection to the state server
     would not (the parent goes on with it)."""
     if session_id and not session_id.startswith(f"{os.getpid()}-"):
-        from ..errors import AtomicBlockLost
-
         raise AtomicBlockLost(
             "this atomic block was begun by another process (this one was forked inside"
             " it), which still holds it; nothing of it was written here. Begin a block of"
@@ -864,9 +867,7 @@ def _check_process(session_id: str | None) -> None:
 
 
 def _lost() -> RuntimeError:
-    from ..errors import AtomicBlockLost  # (a RuntimeError, as this was before)
-
-    return AtomicBlockLost(
+    return AtomicBlockLost(  # (a RuntimeError, as this was before)
         "the atomic block lost its claim on the keys it read (its lease ran out:"
         " SHAREDSTATE_LEASE, or Redis restarted); nothing of it was written. Run the"
         " block again, or raise SHAREDSTATE_LEASE above the block's running time."

@@ -113,6 +113,12 @@ def check(url: str, options: Any) -> dict[str, Any]:
         )
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         _cluster_nodes(url)  # raises ConfigError
+    if url.startswith(TLS_CLUSTER_SCHEME) and redis_version() < (6, 0):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} needs redis-py 6 or later: before it,"
+            " redis-py's cluster client drops ssl_check_hostname, so the nodes' host names"
+            " would go unchecked. Upgrade it: pip install -U 'redis>=6'."
+        )
     if url.startswith(SCHEMES):
         try:
             parts = urlsplit(url)
@@ -216,6 +222,16 @@ def _cluster_nodes(url: str) -> None:
         raise ConfigError(
             f"SHAREDSTATE_REDIS_URL = {redact(url)!r} is not valid: expected {exc}.{ENCODE}"
         ) from None
+
+
+def redis_version() -> tuple[int, int]:
+    """redis-py's (major, minor); (0, 0) if it is not installed (the backend says so)."""
+    try:
+        import redis
+    except ImportError:
+        return (0, 0)
+    major, minor = (re.findall(r"\d+", redis.__version__) + ["0", "0"])[:2]
+    return int(major), int(minor)
 
 
 def _arguments(url: str) -> set[str] | None:
@@ -570,13 +586,21 @@ def refused(exc: Exception) -> bool:
 def redact(url: str) -> str:
     """The URL without its password, for messages (any scheme, several hosts too).
 
-    A password with an unencoded ``/``, ``?`` or ``#`` in it is masked too: the
-    user information runs to the last ``@`` (no host, port or db holds one).
+    A password with an unencoded ``/``, ``?``, ``#`` or ``@`` in it is masked too:
+    the user information runs to the last ``@`` before the query (no host, port or
+    db holds one; a query may, e.g. ``ssl_ca_certs=/certs/a@b.pem``).
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    query = ""
+    first = rest.find("@")
+    if first >= 0:
+        start = rest.find("?", first)  # the query: the first ? after the user information's @
+        if start >= 0:
+            rest, query = rest[:start], rest[start:]
     userinfo, at, rest = rest.rpartition("@")
+    rest += query
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
     elif at and scheme + "://" in (CLUSTER_SCHEME, TLS_CLUSTER_SCHEME):
