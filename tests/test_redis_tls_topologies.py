@@ -239,6 +239,9 @@ def tls_sentinel(
                     "tls-replication yes\n"
                     f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 1\n"
                     f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                    # Two sentinels can split their votes; a failed election is tried again
+                    # after twice this (the default, 3 min, outlasted the test on a busy machine).
+                    f"sentinel failover-timeout {SERVICE} 4000\n"
                 )
             spawn_redis(
                 started,
