@@ -147,22 +147,30 @@ def start_tls_redis(
     args = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--tls-cert-file", files["server.crt"], "--tls-key-file", files["server.key"]]
     args += ["--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", auth_clients]
+    named = {name.replace(".", "_"): path for name, path in files.items()}
     spawn_redis(
         redises,
         folder,
         "tls",
         [*args, "--dir", folder],
-        lambda: redis_client.Redis(
-            host="localhost",
-            port=port,
-            ssl=True,
-            ssl_ca_certs=files["ca.crt"],
-            ssl_certfile=files["client.crt"],
-            ssl_keyfile=files["client.key"],
-            socket_timeout=2,
-        ),
+        lambda: tls_client(port, named, socket_timeout=2),
     )
-    return {"port": str(port), **{name.replace(".", "_"): path for name, path in files.items()}}
+    return {"port": str(port), **named}
+
+
+def tls_client(port: int, files: dict[str, str], **kwargs: Any) -> Any:
+    """A plain redis-py client of a TLS-only server at localhost:``port``, with the
+    client certificate (``files``: ``ca_crt``, ``client_crt``, ``client_key``)."""
+    kwargs.setdefault("socket_timeout", 5)
+    return redis_client.Redis(
+        host="localhost",
+        port=port,
+        ssl=True,
+        ssl_ca_certs=files["ca_crt"],
+        ssl_certfile=files["client_crt"],
+        ssl_keyfile=files["client_key"],
+        **kwargs,
+    )
 
 
 @pytest.fixture

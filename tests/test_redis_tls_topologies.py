@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis as redis_client
-from test_redis_production import make_ca, make_leaf, spawn_redis, use_everything
+from test_redis_production import make_ca, make_leaf, spawn_redis, tls_client, use_everything
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
 
@@ -51,19 +50,6 @@ def tls_server_args(files: dict[str, str]) -> list[str]:
         "--tls-ca-cert-file", files["ca_crt"], "--tls-auth-clients", "yes",
         "--tls-replication", "yes",
     ]  # fmt: skip
-
-
-def tls_client(port: int, files: dict[str, str], **kwargs: Any) -> Any:
-    return redis_client.Redis(
-        host="localhost",
-        port=port,
-        ssl=True,
-        ssl_ca_certs=files["ca_crt"],
-        ssl_certfile=files["client_crt"],
-        ssl_keyfile=files["client_key"],
-        socket_timeout=5,
-        **kwargs,
-    )
 
 
 def client_options(files: dict[str, str]) -> dict[str, str]:

@@ -158,7 +158,7 @@ def _build(
     )
     from redis.retry import Retry
 
-    from .redis_client import tls_refused, unchecked
+    from .redis_client import redis_version, tls_refused, unchecked
 
     class SlotUnavailable(redis.TimeoutError):
         """The cluster kept refusing a command (not run) until the timeout."""
@@ -207,7 +207,7 @@ def _build(
         options["username"] = username
     if password is not None or "password" not in options:
         options["password"] = password
-    if int(redis.__version__.split(".")[0]) < 6:  # later ones read retry= only
+    if redis_version() < (6, 0):  # later ones read retry= only
         options["cluster_error_retry_attempts"] = 0
     try:
         return Cluster(
