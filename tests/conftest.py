@@ -14,6 +14,31 @@ from flask import Flask
 
 from flask_sharedstate import SharedState, SharedStateUnavailable
 
+def _own_deprecations_are_errors() -> None:
+    """Processes the tests start (state servers, gunicorn and its workers, scripts) turn a
+    DeprecationWarning or PendingDeprecationWarning that this package's own call raised into
+    an error, as pytest's ``filterwarnings = error`` does in this process: the next removal in
+    Flask, Werkzeug or redis-py fails a test here first. ``PYTHONWARNINGS`` matches module
+    names exactly, so every module of the package is named."""
+    import pkgutil
+
+    import flask_sharedstate
+
+    modules = ["flask_sharedstate"] + [
+        info.name
+        for info in pkgutil.walk_packages(flask_sharedstate.__path__, "flask_sharedstate.")
+    ]
+    filters = [
+        f"error::{category}:{module}"
+        for module in modules
+        for category in ("DeprecationWarning", "PendingDeprecationWarning")
+    ]
+    inherited = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(([inherited] if inherited else []) + filters)
+
+
+_own_deprecations_are_errors()
+
 #: Every backend, the manager over TCP and Redis Cluster: the conformance suite runs on each.
 BACKENDS = ["memory", "manager", "manager-tcp", "redis", "redis-cluster"]
 
