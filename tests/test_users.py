@@ -130,6 +130,8 @@ def nobodys_folder(path: str) -> str:
 
 def start(python: str, site: str, hooks: bool, env: dict[str, str]) -> Server:
     """gunicorn -w 3 as root with user = nobody, group = nogroup, serving userapp."""
+    import gunicorn
+
     conf = os.path.join(site, "gunicorn.conf.py")
     with open(conf, "w") as f:
         if hooks:
@@ -137,7 +139,9 @@ def start(python: str, site: str, hooks: bool, env: dict[str, str]) -> Server:
         f.write(textwrap.dedent('user = "nobody"\ngroup = "nogroup"\n'))
     address = os.path.join(site, "http.sock")
     command = [python, "-m", "gunicorn", "-c", conf, "-w", "3", "--bind", f"unix:{address}"]
-    command += ["--control-socket", os.path.join(site, "http.ctl"), "userapp:app"]
+    if gunicorn.version_info >= (25,):  # the world venv's is this one's (pinned to it)
+        command += ["--control-socket", os.path.join(site, "http.ctl")]
+    command += ["userapp:app"]
     full_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/root",  # root's, as a real start would leave it
