@@ -7,6 +7,7 @@ value and what was expected. It touches neither the network nor the disk.
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import hashlib
 import hmac
@@ -228,9 +229,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _refuse_unknown_keys(config: Any) -> None:
+    """A misspelt key (``SHAREDSTATE_TIMEOUTT``) is an error, not a silent default."""
+    prefix = "SHAREDSTATE_"
+    for name in config:
+        if isinstance(name, str) and name.startswith(prefix) and name not in DEFAULTS:
+            # (Compared without the prefix, which every key shares.)
+            suffixes = [key[len(prefix) :] for key in DEFAULTS]
+            close = difflib.get_close_matches(name[len(prefix) :], suffixes, 1)
+            raise ConfigError(
+                f"{name} is not a key Flask-SharedState reads: "
+                + (
+                    f"did you mean {prefix + close[0]!r}?"
+                    if close
+                    else "the keys are " + ", ".join(DEFAULTS) + "."
+                )
+                + " Rename or remove it."
+            )
+
+
 def load_settings(app: Flask) -> Settings:
     """Default, read and validate every ``SHAREDSTATE_*`` key of ``app``."""
     config = app.config
+    _refuse_unknown_keys(config)
     for name, default in DEFAULTS.items():
         config.setdefault(name, default)
 
