@@ -78,7 +78,7 @@ class AppState:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.direct = Direct(backend)
+        self.direct = Direct(backend, settings.timeout)
         self.transaction: ContextVar[Transaction | None] = ContextVar(
             "sharedstate_transaction", default=None
         )
@@ -245,9 +245,11 @@ class SharedState:
         self._ops().set_many(mapping, ttl)
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
-        """Set ``key`` to ``new`` only if its value equals ``expected``; return whether it did.
+        """Set ``key`` to ``new`` only if its value ``== expected``; return whether it did.
 
-        Outside ``atomic``, values other than numbers are compared by their pickles.
+        Values are compared as Python compares them, whatever their pickles:
+        ``{"b": 2, "a": 1}`` matches ``{"a": 1, "b": 2}``. Values whose pickles are
+        equal count as equal without being unpickled.
         """
         return self._ops().compare_and_set(key, expected, new)
 
