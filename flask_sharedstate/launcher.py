@@ -185,8 +185,11 @@ class ServerLauncher:
             os.close(ready_w)
         try:
             assert proc.stdin is not None
-            proc.stdin.write(key)
-            proc.stdin.close()
+            try:
+                proc.stdin.write(key)
+                proc.stdin.close()
+            except BrokenPipeError:  # it exited first: its ready line (or none) says why
+                pass
             line = self._read_ready(ready_r, deadline)
         finally:
             os.close(ready_r)
@@ -197,9 +200,10 @@ class ServerLauncher:
                 proc.wait()
         if line.startswith("ready") or line == "in-use":
             return  # in use: some other process listens there; connect to it
+        reason = line.removeprefix("error ").rstrip(".") or "it exited without a word"
         raise SharedStateUnavailable(
-            f"could not start the state server at {self.address}:"
-            f" {line or 'it exited without a word'}. See {settings.run_base}.log."
+            f"could not start the state server at {self.address}: {reason}."
+            f" See {settings.run_base}.log."
         )
 
     @staticmethod
