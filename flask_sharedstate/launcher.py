@@ -269,12 +269,24 @@ class ServerLauncher:
             problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):04o})"
         else:
             return
+        name = os.path.basename(settings.socket_path)
+        if info.st_mode & 0o022 or (info.st_uid != os.getuid() and os.access(folder, os.W_OK)):
+            # A shared folder such as /tmp: the socket needs a folder of its own in it.
+            own = os.path.join(folder, os.path.splitext(name)[0] or "sharedstate")
+            fix = (
+                f"Give it a folder of its own (mkdir -m 0700 {own}, as the user the app runs"
+                f" as) and set SHAREDSTATE_SOCKET = {os.path.join(own, name)!r}"
+            )
+        else:
+            fix = (
+                "Put it in a folder that only this user owns and can write (made with"
+                " mkdir -m 0700, as the user the app runs as)"
+            )
         raise ConfigError(
             f"SHAREDSTATE_SOCKET = {settings.socket_path!r} is not safe: its folder {folder}"
             f" {problem}, so another user could plant files where the state server writes"
-            " its socket, key, pid file and log. Use a folder that only this user owns and"
-            f" can write (mkdir -m 0700 {folder}, as the user the app runs as), or unset"
-            " SHAREDSTATE_SOCKET to use the private default."
+            f" its socket, key, pid file and log. {fix}, or unset SHAREDSTATE_SOCKET to use"
+            " the private default."
         )
 
 
