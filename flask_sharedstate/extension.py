@@ -110,7 +110,11 @@ class SharedState:
         self._app: Flask | None = None
         #: (app, its AppState) that state() found last: the short paths' shortcut
         self._last: tuple[Flask | None, AppState | None] = (None, None)
+        #: The current app's shared state as a :class:`~collections.abc.MutableMapping`
+        #: (:class:`SharedDict`): ``shared.dict["cart"] = []``.
         self.dict: SharedDict = SharedDict(self)
+        #: The global lock (:class:`GlobalLock`): ``with shared.lock:``; named locks
+        #: are ``shared.lock("cart:42")``.
         self.lock: GlobalLock = GlobalLock(self)
         if app is not None:
             self.init_app(app, defaults=defaults)
@@ -305,14 +309,23 @@ class SharedState:
     ) -> Callable[[F], F]:
         """A view decorator on :meth:`get_or_set`: the view runs once per key across workers.
 
-        The key is ``view:`` plus the request's full path unless ``key()``
-        gives one. The view's return value must be picklable (a str, dict,
-        list ... not a Response object)::
+        The view's return value must be picklable (a str, dict, list ... not a
+        Response object)::
 
             @app.get("/report")
             @shared.cached(ttl=60)
             def report():
                 return {"rows": slow_query()}
+
+            @app.get("/user/<int:uid>/card")
+            @shared.cached(ttl=60, key=lambda: f"card:{request.view_args['uid']}")
+            def card(uid):
+                ...
+
+        :param ttl: seconds the value is kept (None: until deleted).
+        :param key: a function of no arguments, called in the request, that
+            returns the key to cache under; by default ``view:`` plus the view's
+            name and the request's full path (query string included).
         """
 
         def decorator(view: F) -> F:

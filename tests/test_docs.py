@@ -205,3 +205,42 @@ def test_limiter_page_says_what_a_crash_costs_without_persistence() -> None:
     page = " ".join(_doc("integrations", "limiter.md").split())
     assert "exact across workers" in page
     assert "without `SHAREDSTATE_PERSIST_PATH`" in page and "killed mid-window" in page
+
+
+def test_api_page_documents_every_public_name(html: str) -> None:
+    """The API page documents every public method and attribute of SharedState and Lock
+    (read from the classes), cached()'s key= among them."""
+    from flask import Flask
+
+    from flask_sharedstate import SharedState
+    from flask_sharedstate.extension import Lock
+
+    page = _page(html, "api.html")
+    shared = SharedState(Flask("api_app"))
+    for owner, names, path in (
+        (SharedState, dir(shared), "flask_sharedstate.SharedState"),
+        (Lock, dir(Lock), "flask_sharedstate.extension.Lock"),
+    ):
+        public = [n for n in names if not n.startswith("_")]
+        missing = [n for n in public if f'id="{path}.{n}"' not in page]
+        assert not missing, f"docs/api.rst leaves out {owner.__name__}: {missing}"
+    cached = _text(page)[_text(page).index("cached(") :][:2000]
+    assert "key" in cached and "the key to cache under" in cached
+
+
+def test_environment_variables_are_given_with_from_prefixed_env() -> None:
+    """Wherever the README or docs set FLASK_SHAREDSTATE_* variables, the same paragraph
+    says they need app.config.from_prefixed_env() (Flask reads none by itself)."""
+    pages = {"README.md": _readme()}
+    for folder in ("docs", os.path.join("docs", "integrations")):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".md"):
+                with open(os.path.join(ROOT, folder, name)) as f:
+                    pages[os.path.join(folder, name)] = f.read()
+    found = 0
+    for name, text in pages.items():
+        for paragraph in re.split(r"\n\s*\n", text):
+            if "FLASK_SHAREDSTATE_" in paragraph:
+                found += 1
+                assert "from_prefixed_env()" in paragraph, f"{name}: {paragraph[:200]}"
+    assert found >= 2
