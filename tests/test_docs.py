@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -244,3 +245,29 @@ def test_environment_variables_are_given_with_from_prefixed_env() -> None:
                 found += 1
                 assert "from_prefixed_env()" in paragraph, f"{name}: {paragraph[:200]}"
     assert found >= 2
+
+
+def test_leadership_snippet_runs_as_written() -> None:
+    """leadership.md's scheduler snippet runs as written (no name left undefined): its job
+    runs under shared.leader() once the app has the snippet's SharedState; the page installs
+    APScheduler in the range the tests run (pyproject.toml)."""
+    from flask import Flask
+
+    page = _doc("integrations", "leadership.md")
+    block = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "leadership.md", "exec"), namespace)
+    runs: list[int] = []
+    namespace["delete_expired_rows"] = lambda: runs.append(1)
+    app = Flask("leadership_app")
+    app.config["SHAREDSTATE_BACKEND"] = "memory"
+    namespace["shared"].init_app(app)
+    try:
+        namespace["cleanup"](app)  # a NameError if the snippet leaves a name undefined
+    finally:
+        for leadership in app.extensions["sharedstate"].leaders.values():
+            leadership.stop()
+    assert runs == [1]
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pinned = re.search(r'"(APScheduler[^"]*)"', f.read())
+    assert pinned and f'pip install "{pinned.group(1)}"' in page
