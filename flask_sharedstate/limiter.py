@@ -32,10 +32,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from flask import current_app, has_app_context
 from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
 from limits.storage.base import TimestampedSlidingWindow
-
-from flask import current_app, has_app_context
 
 from .errors import SharedStateError
 from .extension import AppState, SharedState

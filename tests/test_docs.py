@@ -110,8 +110,8 @@ def _documented_calls(text: str) -> Iterator[tuple[str, str, str]]:
 
 
 def test_the_readme_writes_each_call_as_its_signature_is() -> None:
-    """Every `shared.NAME(...)` the README and docs write matches inspect.signature: the names exist,
-    in order; a signature (the call table, or any with `*` or `=None`) puts keyword-only
+    """Every `shared.NAME(...)` in the README and docs matches inspect.signature: the names
+    exist, in order; a signature (the call table, or any with `*` or `=None`) puts keyword-only
     parameters after a `*` (and only they) and gives their defaults; a call passes them by name."""
     import inspect
 
