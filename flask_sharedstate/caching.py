@@ -14,8 +14,10 @@ Flask-Session (0.8+, through its ``cachelib`` session type)::
     Session(app)
 
 Every worker sees the same entries, on the embedded server as on Redis.
-Entries live in the current app's namespace under ``cache:`` plus the
-cache's ``key_prefix``; :meth:`SharedStateCache.clear` removes only those.
+Entries live in the current app's namespace under ``cache:``, the length of
+the cache's ``key_prefix``, ``:`` and the prefix (``cache:3:c1:`` for
+``"c1:"``), so that :meth:`SharedStateCache.clear` removes this cache's entries
+only, never those of a cache whose prefix merely starts with this one's.
 ``add``, ``inc`` and ``dec`` are atomic (cachelib's defaults are a racy
 get-then-set); a timeout of ``0`` never expires and ``None`` uses the
 default, as cachelib defines.
@@ -77,8 +79,13 @@ class SharedStateCache(BaseCache):
         kwargs.setdefault("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
         return cls(*args, **kwargs)
 
+    def _space(self) -> str:
+        """Where this cache's keys start. The prefix's length makes it a space of its own:
+        with ``cache:`` and the prefix alone, clear() of the cache "a" would take "ab"'s."""
+        return f"{PREFIX}{len(self.key_prefix)}:{self.key_prefix}"
+
     def _key(self, key: str) -> str:
-        return PREFIX + self.key_prefix + key
+        return self._space() + key
 
     def _ttl(self, timeout: int | dt.timedelta | None) -> float | None:
         seconds = self._normalize_timeout(timeout)
@@ -138,17 +145,18 @@ class SharedStateCache(BaseCache):
 
     def clear(self) -> bool:
         """Remove this cache's entries (and nothing else of the app's state)."""
-        prefix = self._key("")
-        keys = [k for k in self._shared.dict.keys() if k.startswith(prefix)]
+        space = self._space()
+        keys = [k for k in self._shared.dict.keys() if k.startswith(space)]
         with self._shared.atomic():
             for key in keys:
                 self._shared.delete(key)
         return True
 
     def inc(self, key: str, delta: int = 1) -> int | None:
-        """Add ``delta`` atomically (an absent key counts as 0); the new value."""
+        """Add ``delta`` atomically (an absent key counts as 0); the new value, as stored
+        (a float stays a float, as with cachelib's own caches)."""
         try:
-            return int(self._shared.incr(self._key(key), delta))
+            return self._shared.incr(self._key(key), delta)  # type: ignore[return-value]
         except TypeError:  # the entry is not a number: cachelib says None
             return None
 

@@ -2,11 +2,14 @@
 
 :func:`load_settings` reads every key once, at ``init_app``, and turns a wrong
 value into a :exc:`~flask_sharedstate.ConfigError` that names the key, the bad
-value and what was expected. It touches neither the network nor the disk.
+value and what was expected. It touches neither the network nor the disk, but
+for one thing: it creates the instance folder that a relative
+``SHAREDSTATE_PERSIST_PATH`` lies in.
 """
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import hashlib
 import hmac
@@ -228,9 +231,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _refuse_unknown_keys(config: Any) -> None:
+    """A misspelt key (``SHAREDSTATE_TIMEOUTT``) is an error, not a silent default."""
+    prefix = "SHAREDSTATE_"
+    for name in config:
+        if isinstance(name, str) and name.startswith(prefix) and name not in DEFAULTS:
+            # (Compared without the prefix, which every key shares.)
+            suffixes = [key[len(prefix) :] for key in DEFAULTS]
+            close = difflib.get_close_matches(name[len(prefix) :], suffixes, 1)
+            raise ConfigError(
+                f"{name} is not a key Flask-SharedState reads: "
+                + (
+                    f"did you mean {prefix + close[0]!r}?"
+                    if close
+                    else "the keys are " + ", ".join(DEFAULTS) + "."
+                )
+                + " Rename or remove it."
+            )
+
+
 def load_settings(app: Flask) -> Settings:
     """Default, read and validate every ``SHAREDSTATE_*`` key of ``app``."""
     config = app.config
+    _refuse_unknown_keys(config)
     for name, default in DEFAULTS.items():
         config.setdefault(name, default)
 
@@ -284,8 +307,21 @@ def load_settings(app: Flask) -> Settings:
                     else " the state lives in this process only. Remove the key."
                 )
             )
-        # Relative paths are relative to the instance folder, as Flask's own files are.
-        persist_path = os.path.join(app.instance_path, os.path.expanduser(persist_path))
+        persist_path = os.path.expanduser(persist_path)
+        if not os.path.isabs(persist_path):
+            # Relative to the instance folder, as Flask's own files are; Flask does not
+            # create that folder, so create it (and the path's own), as Flask-SQLAlchemy
+            # does for a relative SQLite path. An absolute path's folder is the user's.
+            persist_path = os.path.join(app.instance_path, persist_path)
+            folder = os.path.dirname(persist_path)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"SHAREDSTATE_PERSIST_PATH = {config['SHAREDSTATE_PERSIST_PATH']!r} lies in"
+                    f" the instance folder, and {folder} cannot be created: {exc.strerror}."
+                    " Create it, or give an absolute path in a folder this user can write."
+                ) from None
     fsync = _text(config, "SHAREDSTATE_FSYNC") or "everysec"
     if fsync not in FSYNC_POLICIES:
         raise _fail("SHAREDSTATE_FSYNC", fsync, "one of " + ", ".join(map(repr, FSYNC_POLICIES)))

@@ -78,7 +78,7 @@ class AppState:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.direct = Direct(backend)
+        self.direct = Direct(backend, settings.timeout)
         self.transaction: ContextVar[Transaction | None] = ContextVar(
             "sharedstate_transaction", default=None
         )
@@ -110,7 +110,11 @@ class SharedState:
         self._app: Flask | None = None
         #: (app, its AppState) that state() found last: the short paths' shortcut
         self._last: tuple[Flask | None, AppState | None] = (None, None)
+        #: The current app's shared state as a :class:`~collections.abc.MutableMapping`
+        #: (:class:`SharedDict`): ``shared.dict["cart"] = []``.
         self.dict: SharedDict = SharedDict(self)
+        #: The global lock (:class:`GlobalLock`): ``with shared.lock:``; named locks
+        #: are ``shared.lock("cart:42")``.
         self.lock: GlobalLock = GlobalLock(self)
         if app is not None:
             self.init_app(app, defaults=defaults)
@@ -245,9 +249,11 @@ class SharedState:
         self._ops().set_many(mapping, ttl)
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
-        """Set ``key`` to ``new`` only if its value equals ``expected``; return whether it did.
+        """Set ``key`` to ``new`` only if its value ``== expected``; return whether it did.
 
-        Outside ``atomic``, values other than numbers are compared by their pickles.
+        Values are compared as Python compares them, whatever their pickles:
+        ``{"b": 2, "a": 1}`` matches ``{"a": 1, "b": 2}``. Values whose pickles are
+        equal count as equal without being unpickled.
         """
         return self._ops().compare_and_set(key, expected, new)
 
@@ -303,14 +309,23 @@ class SharedState:
     ) -> Callable[[F], F]:
         """A view decorator on :meth:`get_or_set`: the view runs once per key across workers.
 
-        The key is ``view:`` plus the request's full path unless ``key()``
-        gives one. The view's return value must be picklable (a str, dict,
-        list ... not a Response object)::
+        The view's return value must be picklable (a str, dict, list ... not a
+        Response object)::
 
             @app.get("/report")
             @shared.cached(ttl=60)
             def report():
                 return {"rows": slow_query()}
+
+            @app.get("/user/<int:uid>/card")
+            @shared.cached(ttl=60, key=lambda: f"card:{request.view_args['uid']}")
+            def card(uid):
+                ...
+
+        :param ttl: seconds the value is kept (None: until deleted).
+        :param key: a function of no arguments, called in the request, that
+            returns the key to cache under; by default ``view:`` plus the view's
+            name and the request's full path (query string included).
         """
 
         def decorator(view: F) -> F:

@@ -185,8 +185,11 @@ class ServerLauncher:
             os.close(ready_w)
         try:
             assert proc.stdin is not None
-            proc.stdin.write(key)
-            proc.stdin.close()
+            try:
+                proc.stdin.write(key)
+                proc.stdin.close()
+            except BrokenPipeError:  # it exited first: its ready line (or none) says why
+                pass
             line = self._read_ready(ready_r, deadline)
         finally:
             os.close(ready_r)
@@ -197,9 +200,10 @@ class ServerLauncher:
                 proc.wait()
         if line.startswith("ready") or line == "in-use":
             return  # in use: some other process listens there; connect to it
+        reason = line.removeprefix("error ").rstrip(".") or "it exited without a word"
         raise SharedStateUnavailable(
-            f"could not start the state server at {self.address}:"
-            f" {line or 'it exited without a word'}. See {settings.run_base}.log."
+            f"could not start the state server at {self.address}: {reason}."
+            f" See {settings.run_base}.log."
         )
 
     @staticmethod
@@ -265,12 +269,24 @@ class ServerLauncher:
             problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):04o})"
         else:
             return
+        name = os.path.basename(settings.socket_path)
+        if info.st_mode & 0o022 or (info.st_uid != os.getuid() and os.access(folder, os.W_OK)):
+            # A shared folder such as /tmp: the socket needs a folder of its own in it.
+            own = os.path.join(folder, os.path.splitext(name)[0] or "sharedstate")
+            fix = (
+                f"Give it a folder of its own (mkdir -m 0700 {own}, as the user the app runs"
+                f" as) and set SHAREDSTATE_SOCKET = {os.path.join(own, name)!r}"
+            )
+        else:
+            fix = (
+                "Put it in a folder that only this user owns and can write (made with"
+                " mkdir -m 0700, as the user the app runs as)"
+            )
         raise ConfigError(
             f"SHAREDSTATE_SOCKET = {settings.socket_path!r} is not safe: its folder {folder}"
             f" {problem}, so another user could plant files where the state server writes"
-            " its socket, key, pid file and log. Use a folder that only this user owns and"
-            f" can write (mkdir -m 0700 {folder}, as the user the app runs as), or unset"
-            " SHAREDSTATE_SOCKET to use the private default."
+            f" its socket, key, pid file and log. {fix}, or unset SHAREDSTATE_SOCKET to use"
+            " the private default."
         )
 
 

@@ -20,7 +20,9 @@ request, and in ``flask limiter ...`` commands.
 
 The scheme is registered with ``limits`` when this module is imported, which
 :mod:`flask_sharedstate.extension` does for you whenever ``limits`` is
-installed; importing it yourself is harmless.
+installed (``from flask_sharedstate import SharedState`` imports it; a bare
+``import flask_sharedstate`` stays cheap and imports neither Flask nor
+``limits``); importing it yourself is harmless.
 
 .. _limits: https://limits.readthedocs.io/
 """
@@ -30,17 +32,34 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from flask import current_app, has_app_context
 from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
 from limits.storage.base import TimestampedSlidingWindow
 
 from .errors import SharedStateError
-from .extension import SharedState
+from .extension import AppState, SharedState
 
 #: Where this storage's keys live in the app's namespace.
 PREFIX = "limits:"
 
-# A face bound to no app: it works on whichever app is current.
-_shared = SharedState()
+
+class _CurrentApp(SharedState):
+    """A face bound to no app: it works on whichever app is current."""
+
+    def state(self) -> AppState:
+        try:
+            return super().state()
+        except RuntimeError:
+            if not has_app_context() or "sharedstate" in current_app.extensions:
+                raise
+        raise RuntimeError(
+            "RATELIMIT_STORAGE_URI = 'sharedstate://' keeps the rate limits in the app's"
+            " shared state, and this app has none: add `SharedState(app)` (or"
+            " `shared.init_app(app)` in an app factory), before or after Limiter(...)."
+        )
+
+
+_shared = _CurrentApp()
 
 
 def _call(op: str, *args: Any) -> Any:

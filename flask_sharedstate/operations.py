@@ -8,12 +8,14 @@ same code reads and writes correctly inside and outside ``shared.atomic``.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .backends.base import Backend, check_key, check_request, pack, unpack
 from .backends.client_cache import ABSENT
+from .errors import LockTimeout
 from .server.protocol import MAX_SECONDS
 
 #: The longest ``ttl`` a key may be given, in seconds.
@@ -119,8 +121,10 @@ def _unpack_or_missing(packed: Any) -> Any:
 class Direct(Operations):
     """Each operation is one round trip to the backend: one atomic step."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, timeout: float = 5.0) -> None:
         self.backend = backend
+        #: SHAREDSTATE_TIMEOUT: how long compare_and_set chases a value that keeps changing
+        self.timeout = timeout
         #: the backend's read cache, if any: reads outside atomic blocks go through it
         self.cache = backend.read_cache
 
@@ -172,7 +176,26 @@ class Direct(Operations):
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         check_key(key)
-        return bool(self._call("compare_and_set", key, pack(key, expected), pack(key, new)))
+        packed_new = pack(key, new)
+        if self._call("compare_and_set", key, pack(key, expected), packed_new):
+            return True  # equal pickles (or numbers): the common case, one round trip
+        # Equal values may pickle differently ({"b": 2, "a": 1} and {"a": 1, "b": 2}),
+        # and the store compares pickles: read the value, and if it is == expected, set
+        # it against its own exact pickle. Each answer is true at one instant: False at
+        # a read that found the key absent or unequal, True at a swap that matched.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            current = self.backend.call("get", key)
+            if current is None or not unpack(current) == expected:
+                return False
+            if self.backend.call("compare_and_set", key, current, packed_new):
+                return True
+            if time.monotonic() >= deadline:  # replaced by equal values, again and again
+                raise LockTimeout(
+                    f"compare_and_set({key!r}): its value kept being replaced by equal values"
+                    f" for longer than SHAREDSTATE_TIMEOUT ({self.timeout:g} s); nothing was"
+                    " written. Retry, or use shared.atomic() for this read-modify-write."
+                )
 
     def expire(self, key: str, seconds: float | None) -> bool:
         return bool(self._call("expire", check_key(key), check_ttl(seconds)))

@@ -91,9 +91,9 @@ def test_timeouts_as_cachelib_defines_them(cache: SharedStateCache, shared: Shar
     cache.set("forever", 1, timeout=0)
     cache.set("default", 1)
     cache.set("short", 1, timeout=60)
-    assert shared.ttl("cache:c1:forever") is None
-    assert 299 < (shared.ttl("cache:c1:default") or 0) <= 300
-    assert 59 < (shared.ttl("cache:c1:short") or 0) <= 60
+    assert shared.ttl("cache:3:c1:forever") is None
+    assert 299 < (shared.ttl("cache:3:c1:default") or 0) <= 300
+    assert 59 < (shared.ttl("cache:3:c1:short") or 0) <= 60
     cache.set("gone", 1, timeout=-1)  # already expired
     assert cache.get("gone") is None
 
@@ -124,7 +124,7 @@ def test_flask_caching_factory(app: Flask, shared: SharedState) -> None:
     with app.app_context():
         cache.set("k", "v")
         assert cache.get("k") == "v"
-        assert 41 < (shared.ttl("cache:fc:k") or 0) <= 42
+        assert 41 < (shared.ttl("cache:3:fc:k") or 0) <= 42
         backend = app.extensions["cache"][cache]
         assert isinstance(backend, SharedStateCache)
 
@@ -180,3 +180,69 @@ def test_get_or_set_waiter_takes_over_from_a_runner_that_dies(
         value = here.get_or_set("cold", lambda: "from the waiter", ttl=60, timeout=30)
     assert value == "from the waiter"
     assert time.monotonic() - started < 30
+
+
+def test_clear_spares_a_cache_whose_prefix_starts_with_this_ones(
+    app: Flask, shared: SharedState
+) -> None:
+    """clear() of the cache with key_prefix "a" leaves the entries of the cache "ab"
+    (and of the cache with no prefix) alone."""
+    with app.app_context():
+        a, ab, bare = (SharedStateCache(key_prefix=p) for p in ("a", "ab", ""))
+        a.set("x", 1)
+        ab.set("x", 2)
+        ab.set("cd", 3)
+        bare.set("ax", 4)
+        assert a.clear() is True
+        assert a.get("x") is None
+        assert (ab.get("x"), ab.get("cd"), bare.get("ax")) == (2, 3, 4)
+        assert bare.clear() is True
+        assert (ab.get("x"), bare.get("ax")) == (2, None)
+
+
+def test_inc_returns_what_it_stores_as_cachelib_does(cache: SharedStateCache) -> None:
+    """inc on a stored float returns the float it stores, as cachelib's SimpleCache does."""
+    from cachelib import SimpleCache
+
+    theirs = SimpleCache()
+    for one in (cache, theirs):
+        one.set("f", 1.5)
+    assert cache.inc("f") == theirs.inc("f") == 2.5
+    assert cache.get("f") == theirs.get("f") == 2.5
+    assert cache.dec("f", 2) == theirs.dec("f", 2) == 0.5
+
+
+def test_session_entry_is_stored_under_the_key_the_docs_give(run_dir: str) -> None:
+    """A Flask-Session login set up as docs/integrations/session.md says is stored under
+    the key that page gives, Flask-Session's own prefix included."""
+    import re
+
+    from flask import session
+    from flask_session import Session
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "integrations", "session.md")) as f:
+        page = f.read()
+    documented = re.search(r"Each session is one entry \(`([^`]+)`", page)
+    assert documented, "session.md no longer gives the stored key"
+    pattern = re.escape(documented.group(1)).replace(re.escape("<sid>"), r"[\w-]+")
+
+    app = Flask("session_app")
+    app.config.update(
+        SECRET_KEY="x" * 32,
+        SESSION_TYPE="cachelib",
+        SESSION_CACHELIB=SharedStateCache(key_prefix="session:"),
+        SHAREDSTATE_BACKEND="memory",
+    )
+    shared = SharedState(app)
+    Session(app)
+
+    @app.post("/login")
+    def login() -> str:
+        session["user"] = "alice"
+        return "ok"
+
+    assert app.test_client().post("/login").status_code == 200
+    with app.app_context():
+        keys = list(shared.dict)
+    assert len(keys) == 1 and re.fullmatch(pattern, keys[0]), (keys, pattern)

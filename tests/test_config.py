@@ -132,3 +132,42 @@ def test_seconds_keys_are_bounded(key: str, value: float) -> None:
     app.config[key] = value
     with pytest.raises(ConfigError, match=key):
         SharedState(app)
+
+
+@pytest.mark.parametrize(
+    ("key", "close"),
+    [
+        ("SHAREDSTATE_TIMEOUTT", "SHAREDSTATE_TIMEOUT"),
+        ("SHAREDSTATE_BACKND", "SHAREDSTATE_BACKEND"),
+        ("SHAREDSTATE_PERSIST", "SHAREDSTATE_PERSIST_PATH"),
+    ],
+)
+def test_a_misspelt_key_is_refused_with_the_closest_key(key: str, close: str) -> None:
+    """An unknown SHAREDSTATE_* key is a ConfigError naming it and the key it resembles."""
+    with pytest.raises(ConfigError, match=f"{key} is not a key") as info:
+        init(**{key: "memory"})
+    assert f"did you mean {close!r}?" in str(info.value)
+
+
+def test_an_unknown_key_with_no_close_one_lists_the_keys() -> None:
+    """An unknown key like no other is refused with the list of the keys there are."""
+    with pytest.raises(ConfigError, match="SHAREDSTATE_XYZZY is not a key") as info:
+        init(SHAREDSTATE_XYZZY=1)
+    assert "did you mean" not in str(info.value)
+    for key in DEFAULTS:
+        assert key in str(info.value)
+
+
+def test_a_misspelt_environment_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLASK_SHAREDSTATE_BACKND through from_prefixed_env is refused; right names still work."""
+    monkeypatch.setenv("FLASK_SHAREDSTATE_BACKEND", "memory")
+    monkeypatch.setenv("FLASK_SHAREDSTATE_REDIS_OPTIONS__socket_timeout", "2")
+    app = Flask("env_app")
+    app.config.from_prefixed_env()
+    SharedState(app)  # nested keys (__) land inside a known key
+    assert app.extensions["sharedstate"].settings.backend == "memory"
+    monkeypatch.setenv("FLASK_SHAREDSTATE_BACKND", "memory")
+    app = Flask("env_app")
+    app.config.from_prefixed_env()
+    with pytest.raises(ConfigError, match="did you mean 'SHAREDSTATE_BACKEND'"):
+        SharedState(app)

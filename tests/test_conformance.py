@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import pytest
+from flask import Flask
 
 from flask_sharedstate import LockTimeout, SharedState
 
@@ -210,6 +211,51 @@ def test_compare_and_set(shared: SharedState) -> None:
     assert shared.compare_and_set("n", 3, 4) is True
     assert shared.compare_and_set("absent", None, 1) is False
     assert shared.get("n") == 4
+
+
+def test_compare_and_set_compares_values_as_python_does(shared: SharedState) -> None:
+    """compare_and_set matches a value == expected whatever its pickle, in and out of atomic."""
+    shared.set("d", {"b": 2, "a": 1})  # equal to {"a": 1, "b": 2}, but pickled otherwise
+    assert shared.compare_and_set("d", {"a": 1, "b": 2}, "swapped") is True
+    assert shared.get("d") == "swapped"
+    shared.set("flag", 1)
+    assert shared.compare_and_set("flag", True, 2) is True  # 1 == True, as in Python
+    assert shared.compare_and_set("flag", [2], 3) is False
+    assert shared.get("flag") == 2
+    shared.set("d", {"b": 2, "a": 1})
+    with shared.atomic():
+        assert shared.compare_and_set("d", {"a": 1, "b": 2}, "in a block") is True
+    assert shared.get("d") == "in a block"
+
+
+def test_compare_and_set_matches_equal_values_that_keep_changing(
+    app: Flask, shared: SharedState
+) -> None:
+    """While another thread rewrites a key with equal values pickled two ways, every
+    compare_and_set against an equal value succeeds, and none against an unequal one."""
+    forms = [{"a": 1, "b": 2}, {"b": 2, "a": 1}]
+    shared.set("d", forms[1])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        with app.app_context():
+            for i in range(5000):
+                if stop.is_set():
+                    return
+                shared.compare_and_set("d", forms[0], forms[i % 2])
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        for i in range(20):
+            assert shared.compare_and_set("d", {"b": 2, "a": 1}, forms[i % 2]) is True
+        assert shared.compare_and_set("d", forms[0], "done") is True
+        # The rewriter's compare_and_set sees "done" and never writes again.
+        assert shared.compare_and_set("d", forms[0], 0) is False
+    finally:
+        stop.set()
+        thread.join(30)
+    assert shared.get("d") == "done"
 
 
 def test_ttl_and_expire(shared: SharedState) -> None:

@@ -69,3 +69,47 @@ def test_a_key_that_is_no_window_is_a_clear_error(
     with pytest.raises(TypeError, match="moving window"):
         storage.acquire_entry("taken", 3, 60)
     assert shared.get("limits:mw:taken") == {"not": "a window"}
+
+
+def test_sharedstate_uri_without_sharedstate_says_what_it_needs() -> None:
+    """sharedstate:// on an app with no SharedState fails each limited request with an
+    error that says to add SharedState(app), not "did you forget to call 'init_app'"."""
+    from flask_limiter import Limiter
+    from flask_limiter.util import get_remote_address
+
+    app = Flask("unshared_app")
+    app.config.update(TESTING=True, RATELIMIT_STORAGE_URI="sharedstate://")
+    limiter = Limiter(get_remote_address, app=app)
+
+    @app.get("/")
+    @limiter.limit("5/minute")
+    def index() -> str:
+        return "ok"
+
+    with pytest.raises(RuntimeError) as info:
+        app.test_client().get("/")
+    message = str(info.value)
+    assert "RATELIMIT_STORAGE_URI = 'sharedstate://'" in message
+    assert "SharedState(app)" in message and "init_app" in message
+    assert "did you forget" not in message.lower()
+
+
+def test_importing_sharedstate_registers_the_scheme() -> None:
+    """As the docs say: `from flask_sharedstate import SharedState` registers sharedstate://
+    with limits (in a fresh interpreter), while `import flask_sharedstate` imports neither
+    Flask nor limits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flask_sharedstate\n"
+        "assert 'limits' not in sys.modules and 'flask' not in sys.modules\n"
+        "from flask_sharedstate import SharedState\n"
+        "from limits.storage import storage_from_string\n"
+        "print(type(storage_from_string('sharedstate://')).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "SharedStateStorage"

@@ -333,3 +333,77 @@ def pack_blob(version: int, pad: str) -> bytes:
     from flask_sharedstate.backends.base import pack
 
     return pack("blob", {"v": version, "pad": pad})
+
+
+def test_a_relative_persist_path_gets_its_instance_folder(run_dir: str) -> None:
+    """A relative SHAREDSTATE_PERSIST_PATH works though the instance folder does not exist:
+    init_app creates it, as Flask-SQLAlchemy does for SQLite; the server log stays clean."""
+    from flask import Flask
+
+    instance = os.path.join(run_dir, "project", "instance")
+    app = Flask("persist_app", instance_path=instance)
+    app.config.update(
+        SHAREDSTATE_SOCKET=os.path.join(run_dir, "app.sock"),
+        SHAREDSTATE_PERSIST_PATH="data/state.db",
+    )
+    shared = SharedState(app)
+    with app.app_context():
+        try:
+            assert shared.incr("n") == 1
+        finally:
+            shared.state().backend.close()
+    assert os.path.isfile(os.path.join(instance, "data", "state.db"))
+    with open(os.path.join(run_dir, "app.sock.log")) as f:
+        assert "Traceback" not in f.read()
+
+
+def test_a_persist_path_in_a_missing_folder_says_so(run_dir: str) -> None:
+    """An absolute SHAREDSTATE_PERSIST_PATH in a missing folder fails each call with the
+    server's own words, once each, and no traceback in the server log."""
+    from flask import Flask
+
+    app = Flask("persist_app")
+    missing = os.path.join(run_dir, "missing", "state.db")
+    app.config.update(
+        SHAREDSTATE_SOCKET=os.path.join(run_dir, "app.sock"),
+        SHAREDSTATE_PERSIST_PATH=missing,
+        SHAREDSTATE_TIMEOUT=2,
+    )
+    shared = SharedState(app)
+    with app.app_context():
+        for _ in range(3):
+            with pytest.raises(SharedStateUnavailable) as info:
+                shared.incr("n")
+            message = str(info.value)
+            assert f"the folder of SHAREDSTATE_PERSIST_PATH {missing} does not exist" in message
+            assert "error " not in message and ".." not in message
+    assert not os.path.exists(os.path.dirname(missing))  # an absolute path is the user's
+    with open(os.path.join(run_dir, "app.sock.log")) as f:
+        assert "Traceback" not in f.read()
+
+
+def test_a_server_whose_starter_stopped_waiting_logs_no_traceback(run_dir: str) -> None:
+    """A server that cannot start and finds its starter gone (the ready pipe closed) logs
+    why in one line, without a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    ready_r, ready_w = os.pipe()
+    os.close(ready_r)  # the starter gave up waiting
+    missing = os.path.join(run_dir, "missing", "state.db")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flask_sharedstate.server", "--unix"]
+            + [os.path.join(run_dir, "s.sock"), "--ready-fd", str(ready_w)]
+            + ["--persist", missing],
+            input=b"k" * 32,
+            pass_fds=(ready_w,),
+            capture_output=True,
+            timeout=60,
+        )
+    finally:
+        os.close(ready_w)
+    log = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert "Traceback" not in log and "BrokenPipeError" not in log
+    assert f"it was told: error the folder of SHAREDSTATE_PERSIST_PATH {missing}" in log

@@ -279,6 +279,42 @@ def test_socket_folder_others_can_write_is_refused(run_dir: str, mode: int, prob
     assert os.listdir(folder) == []
 
 
+def test_socket_in_a_shared_folder_is_pointed_to_a_folder_of_its_own(run_dir: str) -> None:
+    """SHAREDSTATE_SOCKET = "/tmp/NAME.sock" is refused with the fix that works: a 0700
+    folder of its own (/tmp/NAME/), never "mkdir -m 0700 /tmp"; nothing is written in /tmp."""
+    name = f"fss-myapp-{os.getpid()}"
+    socket_path = os.path.join("/tmp", f"{name}.sock")
+    shared = workers.make_shared(socket_path, timeout=3.0)
+    try:
+        with pytest.raises(ConfigError, match="SHAREDSTATE_SOCKET") as info:
+            shared.set("k", 1)
+    finally:
+        shared.state().backend.close()
+    message = str(info.value)
+    own = os.path.join("/tmp", name)
+    assert f"mkdir -m 0700 {own}" in message
+    assert f"SHAREDSTATE_SOCKET = {os.path.join(own, name + '.sock')!r}" in message
+    assert "mkdir -m 0700 /tmp " not in message and "mkdir -m 0700 /tmp," not in message
+    assert not [f for f in os.listdir("/tmp") if f.startswith(name)]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777])
+def test_socket_in_an_open_folder_is_pointed_to_a_folder_of_its_own(
+    run_dir: str, mode: int
+) -> None:
+    """A socket folder others can write gets the hint of a 0700 folder of its own inside it."""
+    folder = os.path.join(run_dir, "open")
+    os.mkdir(folder)
+    os.chmod(folder, mode)
+    shared = workers.make_shared(os.path.join(folder, "app.sock"), timeout=3.0)
+    try:
+        with pytest.raises(ConfigError, match="SHAREDSTATE_SOCKET") as info:
+            shared.set("k", 1)
+    finally:
+        shared.state().backend.close()
+    assert f"mkdir -m 0700 {os.path.join(folder, 'app')}" in str(info.value)
+
+
 def test_socket_folder_that_is_a_symlink_is_refused(run_dir: str) -> None:
     """A SHAREDSTATE_SOCKET folder that is a symbolic link is refused (whoever owns the
     link decides where the server's files go)."""

@@ -98,11 +98,14 @@ def log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
+    ready = args.ready_fd if args.ready_fd is not None else sys.stdout.fileno()
 
     def say(line: str) -> None:
-        ready.write(line + "\n")
-        ready.flush()
+        # Unbuffered: after a broken pipe, no buffer is left to fail again at exit.
+        try:
+            os.write(ready, (line + "\n").encode())
+        except BrokenPipeError:  # the starter stopped waiting (its timeout): log it instead
+            log.warning("the process that started this server is gone; it was told: %s", line)
 
     log_to_stderr()
     key = sys.stdin.buffer.read()
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready_and_close() -> None:
         say(f"ready {os.getpid()}")
-        if ready is not sys.stdout:
-            ready.close()
+        if args.ready_fd is not None:
+            os.close(ready)
 
     return serve(args, key, say, ready_and_close)
 
