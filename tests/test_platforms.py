@@ -439,6 +439,9 @@ def test_windows_flask_cli(redis_url: str, run_dir: str) -> None:
 
 PLAY_MACOS = """
 import sys
+# The standard library's own macOS branches need macOS itself (urllib.request's _scproxy,
+# which Werkzeug 2.3 imports): import it, and Flask, first. Only ours are under test.
+import urllib.request, flask
 sys.platform = "darwin"
 """
 
