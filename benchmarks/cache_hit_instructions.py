@@ -125,7 +125,7 @@ def main() -> int:
     folder = tempfile.mkdtemp(prefix="fss-hit-instr-")
     socket_path = os.path.join(folder, "state.sock")
     app, shared = _shared(socket_path)
-    way = "private flask.globals._cv_app" if FAST else "public has_app_context() and app_ctx"
+    way = "private flask.globals._cv_app" if FAST else "public flask.globals.app_ctx"
     print(f"app context found by: {way}", flush=True)
     try:
         with app.app_context():

@@ -14,5 +14,5 @@ del flask.globals._cv_app
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from flask_sharedstate import app_context
 
-    way = "private _cv_app" if app_context.FAST else "public has_app_context and app_ctx"
+    way = "private _cv_app" if app_context.FAST else "public app_ctx"
     terminalreporter.write_line(f"app context found by: {way}")
