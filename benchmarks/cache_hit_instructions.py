@@ -9,8 +9,12 @@ does nothing (subtract it to get the hit alone). Every run's start (interpreter,
 connecting) is the same, so it cancels. Run::
 
     python benchmarks/cache_hit_instructions.py [--hits 20000] [--case "short string"]
+    python benchmarks/cache_hit_instructions.py --public-context   # Flask's public way
 
 (needs valgrind; the package measured is the one first on the path, as for the others).
+With ``--public-context`` the readers play a Flask without its private app-context
+variable, so the package finds the current app with ``has_app_context()`` and
+``app_ctx`` (``flask_sharedstate/app_context.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ import sys
 import tempfile
 from typing import Any
 
+if "--public-context" in sys.argv:  # before the package looks for it
+    import flask.globals
+
+    del flask.globals._cv_app
+
 from flask import Flask
 
 from flask_sharedstate import SharedState
+from flask_sharedstate.app_context import FAST
 
 NAMESPACE = "client-cache-bench"
 
@@ -82,6 +92,7 @@ def instructions(socket_path: str, case: str, reads: int, folder: str) -> int:
             case,
             "--hits",
             str(reads),
+            *(["--public-context"] if not FAST else []),
         ],
         env=env,
         check=True,
@@ -101,6 +112,9 @@ def main() -> int:
     parser.add_argument("--hits", type=int, default=20000, help="hits counted (the difference)")
     parser.add_argument("--base", type=int, default=1000, help="hits of the shorter run")
     parser.add_argument("--case", action="append", help="a value's name (default: all)")
+    parser.add_argument(
+        "--public-context", action="store_true", help="find the app context the public way"
+    )
     parser.add_argument("--reader", metavar="SOCKET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader:
@@ -111,6 +125,8 @@ def main() -> int:
     folder = tempfile.mkdtemp(prefix="fss-hit-instr-")
     socket_path = os.path.join(folder, "state.sock")
     app, shared = _shared(socket_path)
+    way = "private flask.globals._cv_app" if FAST else "public flask.globals.app_ctx"
+    print(f"app context found by: {way}", flush=True)
     try:
         with app.app_context():
             for i, value in enumerate(values.values()):

@@ -22,15 +22,28 @@ from typing import Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, ScriptInfo
 
 from .backends.manager import ManagerBackend
 from .backends.redis import RedisBackend
+from .config import _manager_unsupported
 from .errors import SharedStateError
 from .extension import AppState
 from .operations import MISSING, Direct
 
-sharedstate = AppGroup("sharedstate", help="Inspect and manage the app's shared state.")
+
+def _load_app() -> None:
+    """Load the app before any command: a ConfigError of its SharedState (a wrong key, or a
+    backend this platform lacks) is one line that says what to do, not a traceback."""
+    try:
+        click.get_current_context().ensure_object(ScriptInfo).load_app()
+    except SharedStateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+sharedstate = AppGroup(
+    "sharedstate", help="Inspect and manage the app's shared state.", callback=_load_app
+)
 
 DUMP_FORMAT = "flask-sharedstate"
 DUMP_VERSION = 1
@@ -156,6 +169,16 @@ def status() -> None:
     click.echo(f"backend:     {backend.name}")
     click.echo(f"address:     {backend.address}")
     click.echo(f"namespace:   {state.settings.namespace}")
+    unsupported = _manager_unsupported()
+    if unsupported is not None:
+        click.echo(
+            f"platform:    {unsupported}: 'memory' (one process) and 'redis' work here,"
+            " 'manager' does not"
+        )
+    if not isinstance(backend, (RedisBackend, ManagerBackend)):
+        click.echo("server:      none: each process holds its own state")
+        click.echo(f"keys:        {_run(_ops().length)} (in this command's own process)")
+        return
     if isinstance(backend, RedisBackend):
         info, node = _redis_info(backend, state.settings.namespace, state.settings.timeout)
         click.echo(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 
+from .app_context import current_context as _app_context
 from .atomic import Transaction
 from .backends.base import Backend, check_key, check_request, pack
 from .backends.client_cache import ABSENT
@@ -25,19 +26,6 @@ from .errors import LockTimeout, SharedStateError
 from .operations import MISSING, Direct, Operations, check_timeout
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-try:
-    # The app context's own variable: a cached read costs under a microsecond, and
-    # has_app_context() plus current_app would be a third of it. Private to Flask
-    # (2.2 and later), so only a shortcut: without it, the public way. Called as
-    # _app_context(None): the current AppContext, or None.
-    from flask.globals import _cv_app
-
-    _app_context: Callable[[Any], Any] = _cv_app.get
-except ImportError:  # pragma: no cover - a Flask without it
-
-    def _app_context(default: Any) -> Any:
-        return default
 
 
 _leaders_lock = threading.Lock()

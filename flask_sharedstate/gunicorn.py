@@ -24,13 +24,21 @@ are theirs. It runs with no supplementary groups but those of ``initgroups``.
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import time
 import traceback
 from typing import Any
 
 from flask import Flask
+
+try:
+    import pwd
+except ImportError:  # Windows
+    raise ImportError(
+        "flask_sharedstate.gunicorn holds gunicorn's hooks, and gunicorn runs on Unix only:"
+        " on Windows use SHAREDSTATE_BACKEND = 'memory' for one process (flask run), or"
+        " 'redis' under a server that runs there (waitress, say)."
+    ) from None
 
 from .backends.manager import ManagerBackend
 from .server.processes import process_gone, start_time

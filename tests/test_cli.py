@@ -141,6 +141,34 @@ def test_commands_fail_clearly_without_a_server(run_dir: str) -> None:
     assert code == 1 and "does not use Flask-SharedState" in out
 
 
+def test_status_of_the_memory_backend() -> None:
+    """status on the memory backend says there is no server and counts this process's keys."""
+    app = make_app("memory", None, name="memory_app")
+    shared = SharedState(app)
+    with app.app_context():
+        shared.set("k", 1)
+    code, out = run(app, "status")
+    assert code == 0, out
+    assert "backend:     memory" in out and "server:      none" in out
+    assert "keys:        1 (in this command's own process)" in out
+    assert "platform:" not in out  # every backend works here
+
+
+def test_config_error_of_the_app_is_one_line(run_dir: str) -> None:
+    """An app whose SharedState refuses its config: flask sharedstate says why in one line,
+    with no traceback."""
+    env = dict(os.environ, FLASK_SHAREDSTATE_TIMEOUT="soon")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS])
+    command = [sys.executable, "-m", "flask", "--app", "loadapp:app", "sharedstate", "keys"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr == "Error: SHAREDSTATE_TIMEOUT = 'soon' is not valid: expected a number"
+        " of seconds.\n"
+    )
+    assert server_pids(run_dir) == []
+
+
 def test_serve_in_the_foreground(run_dir: str) -> None:
     """flask sharedstate serve runs the server for the app's address until SIGTERM."""
     socket_path = os.path.join(run_dir, "served.sock")

@@ -267,14 +267,32 @@ def test_no_descriptors_is_not_gone() -> None:
 # -- configuration on other platforms, in a real interpreter ---------------------------
 
 PLAY_WINDOWS = """
-import os, sys
+import mmap, os, select, signal, socket, sys
 # The standard library's own Windows branches need Windows itself: import it first.
 import multiprocessing.connection, selectors, subprocess, tempfile
-import flask, redis  # (and Flask's and redis-py's: only ours are under test)
-sys.platform = "win32"
-for name in ("getuid", "geteuid", "fork"):
+import click, flask, flask.cli, redis  # (and Flask's, Click's and redis-py's: only ours are tested)
+sys.platform = "win32"  # os.name and os.path stay POSIX: ntpath needs Windows itself
+# What CPython on Windows lacks, of what this package uses: the library reference's
+# "Availability: Unix" (AF_UNIX: python/cpython#77589; set_blocking came in 3.12, fchmod in 3.13).
+for name in (
+    "fork", "register_at_fork", "getuid", "geteuid", "getegid", "setuid", "setgid", "setgroups",
+    "initgroups", "pidfd_open", "statvfs", "pread", "pwrite", "O_CLOEXEC", "O_DIRECTORY",
+    "O_NOFOLLOW",
+) + (("set_blocking",) if sys.version_info < (3, 12) else ()) + (
+    ("fchmod",) if sys.version_info < (3, 13) else ()
+):
     os.__dict__.pop(name, None)
-sys.modules["fcntl"] = sys.modules["pwd"] = None  # ImportError, as on Windows
+for module, names in (
+    (signal, ("SIGHUP", "SIGKILL", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGPIPE", "SIGALRM",
+              "SIGSTOP", "SIGCONT")),
+    (socket, ("AF_UNIX", "MSG_DONTWAIT", "SO_PEERCRED")),
+    (select, ("poll", "epoll", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP")),
+    (mmap, ("MAP_SHARED", "MAP_PRIVATE", "PROT_READ", "PROT_WRITE")),
+):
+    for name in names:
+        module.__dict__.pop(name, None)
+for name in ("fcntl", "pwd", "grp", "resource", "termios"):
+    sys.modules[name] = None  # ImportError, as on Windows
 for name in ("USER", "LOGNAME", "LNAME"):  # Windows names its user USERNAME
     os.environ.pop(name, None)
 os.environ["USERNAME"] = "Jane Doe"
@@ -318,8 +336,112 @@ def test_windows_backends(redis_url: str, run_dir: str) -> None:
     assert results["runtime_dir"].endswith("flask-sharedstate-Jane-Doe")  # no uid there
 
 
+#: Modules that need Unix to do their work, and say so when imported elsewhere.
+UNIX_ONLY = {
+    "flask_sharedstate.gunicorn": "gunicorn",
+    "flask_sharedstate.server.process": "state server",
+    "flask_sharedstate.server.__main__": "state server",
+}
+
+IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil
+import flask_sharedstate
+
+results = {}
+for module in pkgutil.walk_packages(flask_sharedstate.__path__, "flask_sharedstate."):
+    try:
+        importlib.import_module(module.name)
+        results[module.name] = None
+    except ImportError as exc:  # anything else fails the script, traceback and all
+        results[module.name] = str(exc)
+print(json.dumps(results))
+"""
+
+
+def test_windows_imports_every_module() -> None:
+    """On Windows every module imports, and those that need Unix raise an ImportError that
+    says so and names the backends that work there."""
+    results = json.loads(run_as(PLAY_WINDOWS, IMPORT_EVERY_MODULE))
+    assert {"flask_sharedstate.cli", "flask_sharedstate.backends.manager"} <= set(results)
+    failed = {name: message for name, message in results.items() if message is not None}
+    assert set(failed) == set(UNIX_ONLY), failed
+    for name, message in failed.items():
+        assert UNIX_ONLY[name] in message and "Unix" in message, message
+        assert "'memory'" in message and "'redis'" in message, message
+
+
+CLI_APP = """
+from flask import Flask
+from flask_sharedstate import SharedState
+
+app = Flask(__name__)
+app.config.from_prefixed_env()
+shared = SharedState(app)
+"""
+
+
+def windows_flask(run_dir: str, *args: str, **config: str) -> subprocess.CompletedProcess[str]:
+    """``python -m flask --app winapp ARGS`` on Windows, configured by FLASK_SHAREDSTATE_*."""
+    site = os.path.join(run_dir, "windows-site")
+    if not os.path.isdir(site):
+        os.makedirs(site)
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(PLAY_WINDOWS)
+        with open(os.path.join(run_dir, "winapp.py"), "w") as f:
+            f.write(CLI_APP)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, ROOT]))
+    env.update({f"FLASK_{key}": value for key, value in config.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "winapp", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=run_dir,
+        env=env,
+    )
+
+
+def test_windows_flask_cli(redis_url: str, run_dir: str) -> None:
+    """On Windows, with the plugin installed, flask --help, flask run --help and flask
+    sharedstate status work, and status says which backends this platform has."""
+    from importlib.metadata import entry_points
+
+    plugins = [e.value for e in entry_points(group="flask.commands")]
+    assert "flask_sharedstate.cli:sharedstate" in plugins, "pip install -e . registers it"
+    memory = {"SHAREDSTATE_BACKEND": "memory"}
+    done = windows_flask(run_dir, "--help", **memory)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "sharedstate" in done.stdout
+    done = windows_flask(run_dir, "run", "--help", **memory)
+    assert done.returncode == 0 and "--port" in done.stdout, done.stderr
+
+    done = windows_flask(run_dir, "sharedstate", "status", **memory)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert "backend:     memory" in done.stdout
+    assert "Windows" in done.stdout and "'manager'" in done.stdout, done.stdout
+
+    redis = {
+        "SHAREDSTATE_BACKEND": "redis",
+        "SHAREDSTATE_REDIS_URL": redis_url,
+        "SHAREDSTATE_NAMESPACE": f"windows-cli-{os.path.basename(run_dir)}",
+        "SECRET_KEY": "a secret key that signs the values stored in Redis",
+    }
+    done = windows_flask(run_dir, "sharedstate", "status", **redis)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert "backend:     redis" in done.stdout and "keys:        0" in done.stdout
+    assert "Windows" in done.stdout and "'manager'" in done.stdout, done.stdout
+
+    done = windows_flask(run_dir, "sharedstate", "status", SHAREDSTATE_BACKEND="manager")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("Error: SHAREDSTATE_BACKEND = 'manager'"), done.stderr
+    assert "Windows" in done.stderr and "'memory'" in done.stderr and "'redis'" in done.stderr
+
+
 PLAY_MACOS = """
 import sys
+# The standard library's own macOS branches need macOS itself (urllib.request's _scproxy,
+# which Werkzeug 2.3 imports): import it, and Flask, first. Only ours are under test.
+import urllib.request, flask
 sys.platform = "darwin"
 """
 

@@ -75,7 +75,9 @@ def _after_fork_in_child() -> None:
     _fork_generation += 1
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Unix only, as fork is: importing this module must work everywhere (the CLI imports it).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _gevent_patched() -> bool:

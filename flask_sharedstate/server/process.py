@@ -25,10 +25,8 @@ Lifetime rules (see ``docs/architecture.md``):
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -36,6 +34,17 @@ import struct
 import threading
 import time
 from typing import Any
+
+try:
+    import fcntl
+    import resource
+except ImportError:  # Windows
+    raise ImportError(
+        "flask_sharedstate.server is the state server of the 'manager' backend, which runs"
+        " on Unix only (it needs fork, fcntl locks and unix sockets): on Windows use"
+        " SHAREDSTATE_BACKEND = 'memory' for one process (flask run), or 'redis' to share"
+        " the state between processes."
+    ) from None
 
 from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
