@@ -14,6 +14,7 @@ from flask import Flask
 
 from flask_sharedstate import SharedState, SharedStateUnavailable
 
+
 def _own_deprecations_are_errors() -> None:
     """Processes the tests start (state servers, gunicorn and its workers, scripts) turn a
     DeprecationWarning or PendingDeprecationWarning that this package's own call raised into
