@@ -9,6 +9,7 @@ module and stopped by pid, whatever happens. Every server also listens on
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -387,7 +388,6 @@ def test_sentinel_failover_over_tls(tls_sentinel: dict[str, Any], run_dir: str) 
         ("redis+sentinel://h:1/s", {"ssl": True}, "rediss\\+sentinel://"),
         ("rediss+cluster://h:1/0", None, "no database"),
         ("rediss+cluster://h:1", {"ssl_ca_cert": "/x"}, "did you mean 'ssl_ca_certs'"),
-        ("rediss+cluster://h:1", {"ssl_min_version": 3}, "'ssl_min_version' is not"),
         ("rediss+cluster://h:1", {"socket_timeout": 3}, "'socket_timeout'.*SHAREDSTATE_TIMEOUT"),
         ("rediss+cluster://h:1?retry_on_timeout=1", None, "URL: 'retry_on_timeout'"),
         ("rediss+sentinel://h:1/s", {"ssl_ca_cert": "/x"}, "did you mean 'ssl_ca_certs'"),
@@ -412,6 +412,54 @@ def test_tls_topology_options_are_checked_at_init_app(url: str, options: Any, sa
         SharedState(app)
 
 
+def tls_arguments() -> set[str]:
+    """The arguments of the installed redis-py's TLS connection, but the backend's own."""
+    from redis.connection import SSLConnection
+
+    from flask_sharedstate.backends.redis_client import OWNED
+
+    names: set[str] = set()
+    for cls in SSLConnection.__mro__:
+        if "__init__" in cls.__dict__:
+            names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
+    return names - {"self", "args", "kwargs"} - set(OWNED)
+
+
+def test_tls_cluster_options_are_the_ones_redis_py_passes_on() -> None:
+    """On rediss+cluster://, init_app takes each TLS connection argument that the installed
+    redis-py's cluster client passes on to its nodes (redis.cluster.REDIS_ALLOWED_KEYS) and
+    refuses, by name, each it would drop without a word (redis-py before 6 refuses the scheme)."""
+    from flask import Flask
+    from redis.cluster import REDIS_ALLOWED_KEYS
+
+    from flask_sharedstate.backends.redis_client import redis_version
+
+    arguments = tls_arguments()
+    passed = sorted(arguments & set(REDIS_ALLOWED_KEYS))
+    dropped = sorted(arguments - set(REDIS_ALLOWED_KEYS))
+    assert "ssl_ca_certs" in passed, (passed, dropped)  # (else this test checks nothing)
+
+    def init_app(name: str) -> None:
+        app = Flask("tls_cluster_options")
+        app.config.update(
+            SHAREDSTATE_BACKEND="redis",
+            SHAREDSTATE_REDIS_URL="rediss+cluster://h:1",
+            SHAREDSTATE_REDIS_OPTIONS={name: None},
+            SHAREDSTATE_KEY="k" * 32,
+        )
+        SharedState(app)  # touches no network
+
+    for name in dropped:
+        with pytest.raises(ConfigError, match=f"'{name}' is not.*drops it"):
+            init_app(name)
+    for name in passed:
+        if redis_version() < (6, 0):
+            with pytest.raises(ConfigError, match="needs redis-py 6"):
+                init_app(name)
+        else:
+            init_app(name)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -425,6 +473,8 @@ def test_credentials_in_the_url_and_the_options_are_taken(url: str) -> None:
     redis-py's rule says): init_app takes them, not a TypeError from redis-py."""
     from flask import Flask
 
+    from flask_sharedstate.backends.redis_client import redis_version
+
     app = Flask("both_credentials")
     app.config.update(
         SHAREDSTATE_BACKEND="redis",
@@ -432,6 +482,10 @@ def test_credentials_in_the_url_and_the_options_are_taken(url: str) -> None:
         SHAREDSTATE_REDIS_OPTIONS={"username": "other", "password": "other"},
         SHAREDSTATE_KEY="k" * 32,
     )
+    if url.startswith("rediss+cluster://") and redis_version() < (6, 0):
+        with pytest.raises(ConfigError, match="needs redis-py 6"):  # (see check())
+            SharedState(app)
+        return
     shared = SharedState(app)  # touches no network
     assert "s3cret" not in repr(shared)
     if "sentinel" in url:  # the master's connections log in with the URL's

@@ -113,12 +113,6 @@ def check(url: str, options: Any) -> dict[str, Any]:
         )
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         _cluster_nodes(url)  # raises ConfigError
-    if url.startswith(TLS_CLUSTER_SCHEME) and redis_version() < (6, 0):
-        raise ConfigError(
-            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} needs redis-py 6 or later: before it,"
-            " redis-py's cluster client drops ssl_check_hostname, so the nodes' host names"
-            " would go unchecked. Upgrade it: pip install -U 'redis>=6'."
-        )
     if url.startswith(SCHEMES):
         try:
             parts = urlsplit(url)
@@ -208,6 +202,13 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 )
     if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
+    # (After the options: a misspelt or refused one is named whatever the version.)
+    if url.startswith(TLS_CLUSTER_SCHEME) and redis_version() < (6, 0):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} needs redis-py 6 or later: before it,"
+            " redis-py's cluster client drops ssl_check_hostname, so the nodes' host names"
+            " would go unchecked. Upgrade it: pip install -U 'redis>=6'."
+        )
     return dict(options)
 
 
