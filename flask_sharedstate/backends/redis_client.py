@@ -91,9 +91,10 @@ OWNED: dict[str, str] = {
     "url": "that is SHAREDSTATE_REDIS_URL",
 }
 
-#: The commands the backend runs (directly, or in its Lua scripts), for ACL users.
+#: The commands the backend runs (directly, or in its Lua scripts), and ``flask sharedstate
+#: status`` (info), for ACL users.
 COMMANDS = (
-    "get mget exists pttl scan evalsha eval script|load"
+    "get mget exists pttl scan evalsha eval script|load info"
     " set del pexpire persist incrby hget hset hexists sadd sismember"
 )
 
@@ -469,7 +470,8 @@ def unavailable(
     if refused(exc):
         return SharedStateUnavailable(
             f"Redis at {address} refused {op!r} to this ACL user (NOPERM {exc}); nothing"
-            " was changed. The backend needs these commands on the keys of its namespace"
+            " was changed. The backend (and flask sharedstate status) needs these commands"
+            " on the keys of its namespace"
             f" ({{{namespace}}}:*): ACL SETUSER <user> ~{{{namespace}}}:*"
             f" +{' +'.join(COMMANDS.split())}"
         )
