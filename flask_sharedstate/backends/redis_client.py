@@ -251,7 +251,11 @@ def _arguments(url: str) -> set[str] | None:
         if "__init__" in cls.__dict__:
             names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
     if url.startswith(SENTINEL_SCHEMES):
-        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
+        from redis.sentinel import Sentinel
+
+        # (force_master_ip since redis-py 5.1: before, it would reach the connection.)
+        taken = set(inspect.signature(Sentinel.__init__).parameters)
+        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"} & taken
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         from redis.cluster import REDIS_ALLOWED_KEYS
 
