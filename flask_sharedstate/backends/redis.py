@@ -53,6 +53,7 @@ from ..errors import AtomicBlockLost, ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
 from .redis_client import connect, redact, redis_version, refused, unavailable
+from .redis_packing import pack, packs_like
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -268,6 +269,8 @@ class RedisBackend(Backend):
         self._scripts = {name: self.client.register_script(body) for name, body in SCRIPTS.items()}
         #: one server's connection pool, for the direct path (_send); None: a cluster
         self._pool: Any = None
+        #: whether _send packs commands itself (redis_packing); None: not checked yet
+        self.packed: bool | None = None
         self._get_connection: Callable[[], Any] = lambda: None
         if isinstance(self.client, redis.Redis):
             pool = self._pool = self.client.connection_pool
@@ -399,11 +402,20 @@ class RedisBackend(Backend):
         any way but a Redis error reply (whose reply was read whole) is
         disconnected before it goes back to the pool: no later command can
         read a reply that was not its own.
+
+        The command is packed by :func:`~.redis_packing.pack` where it writes what
+        redis-py's packer would (:attr:`packed`), else by redis-py.
         """
         pool = self._pool
         connection = self._get_connection()
         try:
-            connection.send_command(*command)
+            packed = self.packed
+            if packed is None:  # (once: on a live connection of the installed redis-py)
+                packed = self.packed = packs_like(connection)
+            if packed:
+                connection.send_packed_command((pack(command),))
+            else:
+                connection.send_command(*command)
             return connection.read_response()
         except self._redis.ResponseError:
             raise
