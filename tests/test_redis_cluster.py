@@ -54,8 +54,10 @@ class Cluster:
 
     def errors(self, port: int, kind: str) -> int:
         """How many ``kind`` (MOVED, ASK, TRYAGAIN) error replies the node has sent."""
-        stats = self.nodes[port].info("errorstats")
-        return int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
+        stats = self.nodes[port].info("errorstats").get(f"errorstat_{kind}", {})
+        if isinstance(stats, str):  # redis-py before 5.1: "count=N" unparsed
+            stats = dict(item.split("=", 1) for item in stats.split(","))
+        return int(stats.get("count", 0))
 
     def open_window(self, slot: int, source: int, target: int) -> None:
         """Start migrating ``slot``: IMPORTING on the target, MIGRATING on the source."""

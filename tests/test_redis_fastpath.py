@@ -4,8 +4,9 @@ redis-py's ``execute_command``): what it must keep of redis-py's own handling.
 A reply that was not read never answers a later command (after a timeout, after
 an exception in the middle of a read, or left on an idle connection); a forked
 child opens its own connections; a connection Redis closed (a restart) is
-replaced before a write is sent on it. NOSCRIPT after SCRIPT FLUSH and Sentinel
-failover are in test_redis.py and test_redis_production.py.
+replaced before a write is sent on it; commands are packed as the installed
+redis-py packs them, and both ways of packing run. NOSCRIPT after SCRIPT FLUSH and
+Sentinel failover are in test_redis.py and test_redis_production.py.
 """
 
 from __future__ import annotations
@@ -195,3 +196,51 @@ def test_a_forked_child_uses_connections_of_its_own(
         assert shared.incr("parent-n") == 301  # the parent's connection still works
     finally:
         shared.state().backend.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("GET", "{ns}:k:x"),
+        ("EVALSHA", "0" * 40, 2, "{ns}:txn", "{ns}:k:é", b"\x80\x05N.", 1500),
+        ("EVALSHA", "0" * 40, 1, "{ns}:txn", b"\x80" + b"\r\n" * 40_000, -1, 0),
+        ("EVALSHA", "0" * 40, 0, *[str(i) for i in range(300)]),
+    ],
+    ids=["get", "evalsha", "large value", "many arguments"],
+)
+def test_the_backend_packs_commands_as_the_installed_redis_py_does(
+    command: tuple[Any, ...],
+) -> None:
+    """redis_packing.pack writes each kind of command the backend sends byte for byte as
+    the installed redis-py's own packer, and packs_like says so (the backend then packs)."""
+    from redis.connection import Connection
+
+    from flask_sharedstate.backends.redis_packing import pack, packs_like
+
+    connection = Connection()  # (packs only: never connected)
+    theirs = b"".join(bytes(part) for part in connection.pack_command(*command))
+    assert pack(command) == theirs
+    assert packs_like(connection)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed here", "packed by redis-py"])
+def test_both_ways_of_packing_run_every_operation(
+    redis_url: str, run_dir: str, packed: bool
+) -> None:
+    """The direct path runs every kind of operation, and loads its scripts again after
+    SCRIPT FLUSH, whether it packs commands itself or leaves that to redis-py (its path
+    where the two would differ)."""
+    from test_redis_production import use_everything
+
+    shared = _shared(run_dir, redis_url, f"packing-{packed}", 2.0)
+    backend = shared.state().backend
+    backend.packed = packed
+    admin = redis_client.Redis.from_url(redis_url)
+    try:
+        use_everything(shared)
+        admin.script_flush()
+        assert shared.incr("after-flush", 2) == 2
+        assert backend.packed is packed
+    finally:
+        admin.close()
+        backend.close()

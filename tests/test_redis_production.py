@@ -20,7 +20,7 @@ import redis as redis_client
 from flask_sharedstate import AuthenticationError, ConfigError, SharedState, SharedStateUnavailable
 
 from conftest import free_port, make_app, stop_process, wait_for
-from servers import LoadProgress, Server, start_gunicorn
+from servers import ROOT, LoadProgress, Server, start_gunicorn
 
 # -- servers ---------------------------------------------------------------------------------
 
@@ -360,6 +360,51 @@ def test_acl_user_outside_its_keys_is_told(acl: Callable[..., str], run_dir: str
             shared.get("k")
     finally:
         shared.state().backend.close()
+
+
+def documented_acl_line() -> list[str]:
+    """The words of the ``ACL SETUSER`` line in docs/redis.md's "ACL users" section."""
+    with open(os.path.join(ROOT, "docs", "redis.md"), encoding="utf-8") as file:
+        section = file.read().split("## ACL users", 1)[1]
+    words = section.split("```", 2)[1].split()
+    assert words[:3] == ["ACL", "SETUSER", "app"], words
+    return words
+
+
+def test_the_documented_acl_user_runs_everything_and_the_status_command(
+    redis_url: str, run_dir: str
+) -> None:
+    """The ACL user exactly as docs/redis.md makes it (its name, password and namespace
+    put in) runs every kind of operation and ``flask sharedstate status``; the NOPERM
+    message grants the same commands as the docs."""
+    from flask_sharedstate.backends.redis_client import COMMANDS
+    from flask_sharedstate.cli import sharedstate
+
+    namespace = f"acl-{os.path.basename(run_dir)}"
+    words = documented_acl_line()
+    assert {w for w in words if w.startswith("+")} == {"+" + c for c in COMMANDS.split()}
+    mine = {"app": "fss-documented", ">PASSWORD": ">pw-documented"}
+    line = [mine.get(w, w.replace("{myapp}", "{" + namespace + "}")) for w in words]
+    assert f"~{{{namespace}}}:*" in line, line
+    admin = redis_client.Redis.from_url(redis_url)
+    shared = None
+    try:
+        admin.execute_command(*line)
+        url = redis_url.replace("redis://", "redis://fss-documented:pw-documented@")
+        app = make_app("redis", run_dir, name="documented")
+        app.config.update(SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_NAMESPACE=namespace)
+        shared = SharedState(app, defaults={"d": 5})
+        use_everything(shared)
+        shared.set("hits", 3)
+        result = app.test_cli_runner().invoke(sharedstate, ["status"])
+        assert result.exit_code == 0, result.output
+        assert "server:      redis " in result.output, result.output
+        assert "NOPERM" not in result.output, result.output
+    finally:
+        if shared is not None:
+            shared.state().backend.close()
+        admin.execute_command("ACL", "DELUSER", "fss-documented")
+        admin.close()
 
 
 def test_wrong_password_is_an_authentication_error(acl: Callable[..., str], run_dir: str) -> None:

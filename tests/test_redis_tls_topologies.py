@@ -9,6 +9,7 @@ module and stopped by pid, whatever happens. Every server also listens on
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from test_redis_production import make_ca, make_leaf, spawn_redis, tls_client, use_everything
 
 from flask_sharedstate import ConfigError, SharedState, SharedStateUnavailable
+from flask_sharedstate.backends.redis_client import redis_version
 
 from conftest import free_port, make_app, stop_process, wait_for, wait_for_cluster
 
@@ -64,6 +66,17 @@ def app_for(run_dir: str, name: str, url: str, options: Any = None) -> SharedSta
     app = make_app("redis", run_dir, name=name, SHAREDSTATE_TIMEOUT=TIMEOUT)
     app.config.update(SHAREDSTATE_REDIS_URL=url, SHAREDSTATE_REDIS_OPTIONS=options)
     return SharedState(app, defaults={"d": 5})
+
+
+def refused_by_redis_py_5(run_dir: str, url: str, options: Any) -> bool:
+    """Whether the installed redis-py is older than 6, where init_app refuses
+    rediss+cluster:// (its cluster client drops ssl_check_hostname): checked, if so."""
+    if redis_version() >= (6, 0):
+        return False
+    with pytest.raises(ConfigError, match="needs redis-py 6") as refused:
+        app_for(run_dir, "tls-cluster-refused", url, options)
+    assert "pip install -U 'redis>=6'" in str(refused.value)
+    return True
 
 
 #: A name the servers' certificate is not for (they listen on it too).
@@ -149,6 +162,8 @@ def test_cluster_over_tls_runs_every_operation(tls_cluster: dict[str, Any], run_
     hosts = ",".join(f"localhost:{p}" for p in tls_cluster["ports"][:2])
     url = f"rediss+cluster://{hosts}?ssl_ca_certs={files['ca_crt']}"
     options = {"ssl_certfile": files["client_crt"], "ssl_keyfile": files["client_key"]}
+    if refused_by_redis_py_5(run_dir, url, options):
+        return
     shared = app_for(run_dir, "tls-cluster", url, options)
     try:
         use_everything(shared)
@@ -171,6 +186,8 @@ def test_cluster_over_tls_refusals_are_clear_and_bounded(
     SharedStateUnavailable naming the TLS problem and what to give, within the timeout."""
     files = tls_cluster["files"]
     url = f"rediss+cluster://{change.get('host', 'localhost')}:{tls_cluster['ports'][0]}"
+    if refused_by_redis_py_5(run_dir, url, refused_options(files, change)):
+        return
     shared = app_for(run_dir, "tls-cluster-bad", url, refused_options(files, change))
     try:
         refused_clearly(shared, says, todo)
@@ -326,9 +343,16 @@ def test_sentinel_over_tls_refusals_are_clear_and_bounded(
     options = refused_options(files, {k: v for k, v in change.items() if k.startswith("ssl")})
     if "sentinel_kwargs" in change:
         options["sentinel_kwargs"] = {k: files[v] for k, v in change["sentinel_kwargs"].items()}
+    url = sentinel_url(tls_sentinel, host=change.get("host", "localhost"))
     if "force_master_ip" in change:
         options["force_master_ip"] = change["force_master_ip"]
-    url = sentinel_url(tls_sentinel, host=change.get("host", "localhost"))
+        from redis.sentinel import Sentinel
+
+        if "force_master_ip" not in inspect.signature(Sentinel.__init__).parameters:
+            # (redis-py before 5.1 has none: named at init_app, not left to a TypeError.)
+            with pytest.raises(ConfigError, match="'force_master_ip' is not an argument"):
+                app_for(run_dir, "tls-sentinel-bad", url, options)
+            return
     shared = app_for(run_dir, "tls-sentinel-bad", url, options)
     try:
         refused_clearly(shared, says, todo)
@@ -387,7 +411,6 @@ def test_sentinel_failover_over_tls(tls_sentinel: dict[str, Any], run_dir: str) 
         ("redis+sentinel://h:1/s", {"ssl": True}, "rediss\\+sentinel://"),
         ("rediss+cluster://h:1/0", None, "no database"),
         ("rediss+cluster://h:1", {"ssl_ca_cert": "/x"}, "did you mean 'ssl_ca_certs'"),
-        ("rediss+cluster://h:1", {"ssl_min_version": 3}, "'ssl_min_version' is not"),
         ("rediss+cluster://h:1", {"socket_timeout": 3}, "'socket_timeout'.*SHAREDSTATE_TIMEOUT"),
         ("rediss+cluster://h:1?retry_on_timeout=1", None, "URL: 'retry_on_timeout'"),
         ("rediss+sentinel://h:1/s", {"ssl_ca_cert": "/x"}, "did you mean 'ssl_ca_certs'"),
@@ -412,6 +435,54 @@ def test_tls_topology_options_are_checked_at_init_app(url: str, options: Any, sa
         SharedState(app)
 
 
+def tls_arguments() -> set[str]:
+    """The arguments of the installed redis-py's TLS connection, but the backend's own."""
+    from redis.connection import SSLConnection
+
+    from flask_sharedstate.backends.redis_client import OWNED
+
+    names: set[str] = set()
+    for cls in SSLConnection.__mro__:
+        if "__init__" in cls.__dict__:
+            names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
+    return names - {"self", "args", "kwargs"} - set(OWNED)
+
+
+def test_tls_cluster_options_are_the_ones_redis_py_passes_on() -> None:
+    """On rediss+cluster://, init_app takes each TLS connection argument that the installed
+    redis-py's cluster client passes on to its nodes (redis.cluster.REDIS_ALLOWED_KEYS) and
+    refuses, by name, each it would drop without a word (redis-py before 6 refuses the scheme)."""
+    from flask import Flask
+    from redis.cluster import REDIS_ALLOWED_KEYS
+
+    from flask_sharedstate.backends.redis_client import redis_version
+
+    arguments = tls_arguments()
+    passed = sorted(arguments & set(REDIS_ALLOWED_KEYS))
+    dropped = sorted(arguments - set(REDIS_ALLOWED_KEYS))
+    assert "ssl_ca_certs" in passed, (passed, dropped)  # (else this test checks nothing)
+
+    def init_app(name: str) -> None:
+        app = Flask("tls_cluster_options")
+        app.config.update(
+            SHAREDSTATE_BACKEND="redis",
+            SHAREDSTATE_REDIS_URL="rediss+cluster://h:1",
+            SHAREDSTATE_REDIS_OPTIONS={name: None},
+            SHAREDSTATE_KEY="k" * 32,
+        )
+        SharedState(app)  # touches no network
+
+    for name in dropped:
+        with pytest.raises(ConfigError, match=f"'{name}' is not.*drops it"):
+            init_app(name)
+    for name in passed:
+        if redis_version() < (6, 0):
+            with pytest.raises(ConfigError, match="needs redis-py 6"):
+                init_app(name)
+        else:
+            init_app(name)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -432,6 +503,10 @@ def test_credentials_in_the_url_and_the_options_are_taken(url: str) -> None:
         SHAREDSTATE_REDIS_OPTIONS={"username": "other", "password": "other"},
         SHAREDSTATE_KEY="k" * 32,
     )
+    if url.startswith("rediss+cluster://") and redis_version() < (6, 0):
+        with pytest.raises(ConfigError, match="needs redis-py 6"):  # (see check())
+            SharedState(app)
+        return
     shared = SharedState(app)  # touches no network
     assert "s3cret" not in repr(shared)
     if "sentinel" in url:  # the master's connections log in with the URL's

@@ -41,7 +41,6 @@ connection; a lock or atomic wait adds the wait asked for.
 from __future__ import annotations
 
 import hmac
-import inspect
 import os
 import pickle
 import threading
@@ -54,6 +53,7 @@ from ..errors import AtomicBlockLost, ConfigError, LockNotOwned, LockTimeout
 from ..server.catalogue import OPERATIONS
 from .base import Backend, Packed, unpack
 from .redis_client import connect, redact, redis_version, refused, unavailable
+from .redis_packing import pack, packs_like
 from .redis_scripts import SCRIPTS
 
 #: Bytes of HMAC-SHA256 after each pickle.
@@ -267,20 +267,17 @@ class RedisBackend(Backend):
         self._txn = tag + "txn"
         self._applied = tag + "defaults"
         self._scripts = {name: self.client.register_script(body) for name, body in SCRIPTS.items()}
-        #: EVALSHA and the script's SHA1, packed, by name (see _pack)
-        self._evalsha = {
-            name: b"$7\r\nEVALSHA\r\n$40\r\n" + script.sha.encode() + b"\r\n"
-            for name, script in self._scripts.items()
-        }
         #: one server's connection pool, for the direct path (_send); None: a cluster
         self._pool: Any = None
+        #: whether _send packs commands itself (redis_packing); None: not checked yet
+        self.packed: bool | None = None
         self._get_connection: Callable[[], Any] = lambda: None
         if isinstance(self.client, redis.Redis):
             pool = self._pool = self.client.connection_pool
             if redis_version() < (5, 3):  # (the command's name is required there, unused)
                 self._get_connection = lambda: pool.get_connection("EVALSHA")
-            else:  # (and deprecated since: a wrapper warns of arguments; none are given)
-                self._get_connection = inspect.unwrap(type(pool).get_connection).__get__(pool)
+            else:  # (and deprecated since: redis-py warns of any argument)
+                self._get_connection = pool.get_connection
         self._local = threading.local()
         self._defaults: list[tuple[str, Packed]] = []
         self._renewer = _LeaseRenewer(self._renew, self._abort_blocks, lease)
@@ -323,14 +320,13 @@ class RedisBackend(Backend):
     # -- connections ------------------------------------------------------------------
 
     def _connected(self, connection: Any) -> None:
-        """redis-py's hook for a new connection: handshake, then apply the defaults.
+        """The hook for a new connection, after redis-py's handshake: apply the defaults.
 
         A connection is new after Redis restarted (redis-py reconnects without a
         word), so the defaults come back before the first command that needs
         them. They are set only where absent and never twice (``{ns}:defaults``),
         so applying them on every new connection costs one round trip and no reset.
         """
-        connection.on_connect()
         self._apply_defaults(connection)
 
     def _apply_defaults(self, connection: Any) -> None:
@@ -375,8 +371,8 @@ class RedisBackend(Backend):
     def _eval(self, name: str, keys: list[str], args: Any) -> Any:
         """Run a script: one EVALSHA; loaded first only when Redis answers NOSCRIPT.
 
-        On one server, EVALSHA is packed here and sent on a pooled connection
-        (:meth:`_send`); on a cluster it goes to ``execute_command``, as redis-py's
+        On one server, EVALSHA is sent on a pooled connection (:meth:`_send`);
+        on a cluster it goes to ``execute_command``, as redis-py's
         ``Script.__call__`` does after its per-call copies and checks.
         """
         script = self._scripts[name]
@@ -387,20 +383,14 @@ class RedisBackend(Backend):
             except self._redis.exceptions.NoScriptError:  # a new, restarted or flushed Redis
                 self.client.script_load(script.script)
                 return command("EVALSHA", script.sha, len(keys), *keys, *args)
-        count = str(len(keys)).encode()
-        packed = _pack(
-            3 + len(keys) + len(args),
-            self._evalsha[name] + b"$%d\r\n%s\r\n" % (len(count), count),
-            (*keys, *args),
-        )
         try:
-            return self._send(packed)
+            return self._send("EVALSHA", script.sha, len(keys), *keys, *args)
         except self._redis.exceptions.NoScriptError:  # a new, restarted or flushed Redis
             self.client.script_load(script.script)  # (its SHA1 is the same)
-            return self._send(packed)
+            return self._send("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    def _send(self, packed: bytes) -> Any:
-        """One command (packed) on a connection of the pool: its reply, as read.
+    def _send(self, *command: Any) -> Any:
+        """One command on a connection of the pool: its reply, as read.
 
         What redis-py's ``execute_command`` does, without what it adds for
         commands the backend does not send (retries: there are none; reply
@@ -412,11 +402,20 @@ class RedisBackend(Backend):
         any way but a Redis error reply (whose reply was read whole) is
         disconnected before it goes back to the pool: no later command can
         read a reply that was not its own.
+
+        The command is packed by :func:`~.redis_packing.pack` where it writes what
+        redis-py's packer would (:attr:`packed`), else by redis-py.
         """
         pool = self._pool
         connection = self._get_connection()
         try:
-            connection.send_packed_command((packed,))
+            packed = self.packed
+            if packed is None:  # (once: on a live connection of the installed redis-py)
+                packed = self.packed = packs_like(connection)
+            if packed:
+                connection.send_packed_command((pack(command),))
+            else:
+                connection.send_command(*command)
             return connection.read_response()
         except self._redis.ResponseError:
             raise
@@ -542,7 +541,7 @@ class RedisBackend(Backend):
     def op_get(self, key: str) -> Packed | None:
         if self._pool is None:
             return self._decode(key, self.client.get(self._key(key)))
-        return self._decode(key, self._send(_pack(2, b"$3\r\nGET\r\n", (self._prefix + key,))))
+        return self._decode(key, self._send("GET", self._prefix + key))
 
     def op_contains(self, key: str) -> bool:
         return bool(self.client.exists(self._key(key)))
@@ -830,22 +829,6 @@ class RedisBackend(Backend):
     def _abort_blocks(self, tokens: list[str]) -> None:
         """Drop the claims of the blocks ``tokens`` (those that still hold any)."""
         self._eval("txn_abort", [self._txn], tokens)
-
-
-def _pack(count: int, head: bytes, args: tuple[Any, ...]) -> bytes:
-    """A command of ``count`` arguments in Redis's protocol: ``head`` (already packed),
-    then ``args``, each bytes, str (UTF-8) or int, as redis-py's encoder writes them."""
-    parts = [b"*%d\r\n" % count, head]
-    for arg in args:
-        if type(arg) is not bytes:
-            if type(arg) is str:
-                arg = arg.encode()
-            elif type(arg) is int:
-                arg = b"%d" % arg
-            else:
-                raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
 
 
 def _raw_eval(connection: Any, script: str, keys: list[str], args: list[Any]) -> Any:

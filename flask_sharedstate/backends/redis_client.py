@@ -30,9 +30,10 @@ arguments that carry the backend's guarantees are the backend's own
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -55,8 +56,6 @@ TLS_FORM = {
     CLUSTER_SCHEME: TLS_CLUSTER_SCHEME,
 }
 SENTINEL_PORT = 26379
-#: Seconds between two questions to the sentinels about which server is the master.
-SENTINEL_CHECK = 1.0
 #: The hint for a URL that does not parse: a password's reserved characters.
 ENCODE = (
     " A password with / ? # @ : or , in it must be percent-encoded in the URL:"
@@ -91,9 +90,10 @@ OWNED: dict[str, str] = {
     "url": "that is SHAREDSTATE_REDIS_URL",
 }
 
-#: The commands the backend runs (directly, or in its Lua scripts), for ACL users.
+#: The commands the backend runs (directly, or in its Lua scripts), and ``flask sharedstate
+#: status`` (info), for ACL users.
 COMMANDS = (
-    "get mget exists pttl scan evalsha eval script|load"
+    "get mget exists pttl scan evalsha eval script|load info"
     " set del pexpire persist incrby hget hset hexists sadd sismember"
 )
 
@@ -113,12 +113,6 @@ def check(url: str, options: Any) -> dict[str, Any]:
         )
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         _cluster_nodes(url)  # raises ConfigError
-    if url.startswith(TLS_CLUSTER_SCHEME) and redis_version() < (6, 0):
-        raise ConfigError(
-            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} needs redis-py 6 or later: before it,"
-            " redis-py's cluster client drops ssl_check_hostname, so the nodes' host names"
-            " would go unchecked. Upgrade it: pip install -U 'redis>=6'."
-        )
     if url.startswith(SCHEMES):
         try:
             parts = urlsplit(url)
@@ -208,6 +202,13 @@ def check(url: str, options: Any) -> dict[str, Any]:
                 )
     if url.startswith(SENTINEL_SCHEMES):
         _sentinel_parts(url)  # raises ConfigError
+    # (After the options: a misspelt or refused one is named whatever the version.)
+    if url.startswith(TLS_CLUSTER_SCHEME) and redis_version() < (6, 0):
+        raise ConfigError(
+            f"SHAREDSTATE_REDIS_URL = {redact(url)!r} needs redis-py 6 or later: before it,"
+            " redis-py's cluster client drops ssl_check_hostname, so the nodes' host names"
+            " would go unchecked. Upgrade it: pip install -U 'redis>=6'."
+        )
     return dict(options)
 
 
@@ -250,7 +251,11 @@ def _arguments(url: str) -> set[str] | None:
         if "__init__" in cls.__dict__:
             names |= set(inspect.signature(cls.__dict__["__init__"]).parameters)
     if url.startswith(SENTINEL_SCHEMES):
-        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"}
+        from redis.sentinel import Sentinel
+
+        # (force_master_ip since redis-py 5.1: before, it would reach the connection.)
+        taken = set(inspect.signature(Sentinel.__init__).parameters)
+        names |= {"sentinel_kwargs", "min_other_sentinels", "force_master_ip"} & taken
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         from redis.cluster import REDIS_ALLOWED_KEYS
 
@@ -303,77 +308,47 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
 
 
 def connect(
-    url: str, options: Mapping[str, Any], timeout: float, on_connect: Callable[[Any], None]
+    url: str, options: Mapping[str, Any], timeout: float, connected: Callable[[Any], None]
 ) -> Any:
     """A redis-py client for ``url``: nothing is retried, everything bounded by ``timeout``.
 
-    ``on_connect(connection)`` runs on every new connection (redis-py's
-    ``redis_connect_func``: it must call ``connection.on_connect()``). Opens no
-    connection itself.
+    ``connected(connection)`` runs on every new connection, after redis-py's
+    handshake (``AUTH``, ``SELECT``, ``CLIENT SETNAME``, ...). Opens no connection itself.
     """
     import redis
-    from redis.backoff import NoBackoff
     from redis.connection import URL_QUERY_ARGUMENT_PARSERS
-    from redis.retry import Retry
+
+    from .redis_classes import SentinelManager, SentinelPool, no_retry, untyped
 
     def owned() -> dict[str, Any]:
         return {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
+            "retry": no_retry(),
             "health_check_interval": 0,
             "protocol": 2,  # (redis-py 8 speaks RESP3 unless told: one reply format for all)
             **unchecked(),
         }
 
+    hook = functools.partial(_handshake_then, connected)
     extra = dict(options)
     if url.startswith(SCHEMES):
         if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
             checked(extra)
         # The URL's query parameters override keyword arguments (redis-py's rule).
-        return redis.Redis.from_url(url, **extra, **owned(), redis_connect_func=on_connect)
+        return untyped(redis.Redis).from_url(url, **extra, **owned(), redis_connect_func=hook)
     # The URL's query parameters override keyword arguments (redis-py's rule).
+    parsers: Mapping[str, Callable[[str], Any]] = untyped(URL_QUERY_ARGUMENT_PARSERS)
     for name, values in parse_qs(urlsplit(url).query).items():
-        parse: Callable[[str], Any] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)  # type: ignore[assignment]
-        extra[name] = parse(values[0])
+        extra[name] = parsers.get(name, str)(values[0])
     if url.startswith(TLS_SCHEMES):
         extra["ssl"] = True
         checked(extra)
     if url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)):
         from .redis_cluster import ClusterClient
 
-        # (on_connect does redis-py's handshake: the cluster client must not do it too.)
-        return ClusterClient(url, timeout, on_connect, extra, handshake=True)
+        return ClusterClient(url, timeout, connected, extra)
 
-    from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-
-    class Pool(SentinelConnectionPool):
-        """redis-py's, which asks the sentinels only for a new connection; this one
-        also asks at most every SENTINEL_CHECK seconds before lending one. A master
-        that was failed over while still up (``SENTINEL FAILOVER``, a partition)
-        keeps taking writes, which it drops when it turns replica: so its idle
-        connections are closed as soon as the sentinels name another master."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-            self._checked = time.monotonic()
-
-        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-            now = time.monotonic()
-            # (Without an idle connection, the new one asks the sentinels anyway.)
-            if now - self._checked >= SENTINEL_CHECK and self._available_connections:
-                self._checked = now
-                try:
-                    # (Closes the idle connections if the master changed.)
-                    self.get_master_address()  # type: ignore[no-untyped-call]
-                except MasterNotFoundError:
-                    # Sentinels down: the connection's own connect says so if it must
-                    # connect; meanwhile do not make a request wait on them each second.
-                    self._checked = now + 10 * SENTINEL_CHECK
-            # (redis-py's, without the wrapper that warns of arguments since 5.3.)
-            return get_connection(self, *args, **kwargs)
-
-    get_connection = inspect.unwrap(SentinelConnectionPool.get_connection)
     sentinels, service, db, auth = _sentinel_parts(url)
     given = dict(extra.pop("sentinel_kwargs", None) or {})
     # Over TLS, the sentinels are asked over TLS too, with the same arguments, unless
@@ -384,49 +359,18 @@ def connect(
     sentinel_kwargs = {**auth, **tls, **given, **owned()}
     if sentinel_kwargs.get("ssl"):
         checked(sentinel_kwargs)
-
-    class Manager(Sentinel):
-        """redis-py's, whose MasterNotFoundError says what each sentinel's error was
-        (redis-py's shows a repr of each client, and since redis-py 8 only the type
-        of its error: not which certificate was refused)."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-            for client in self.sentinels:
-                setattr(client, "sentinel_masters", recording(client))  # noqa: B010 (mypy)
-
-        def discover_master(self, service_name: str) -> Any:
-            try:
-                return super().discover_master(service_name)  # type: ignore[no-untyped-call]
-            except MasterNotFoundError:
-                errors = [e for c in self.sentinels if (e := getattr(c, "fss_error", None))]
-                raise MasterNotFoundError(
-                    f"No master found for {service_name!r}"
-                    + (f": {'; '.join(errors)}" if errors else "")
-                ) from None
-
-    def recording(client: Any) -> Callable[[], Any]:
-        """``client.sentinel_masters``, which keeps its last error as ``fss_error``."""
-        ask = client.sentinel_masters
-        where = "{host}:{port}".format(**client.connection_pool.connection_kwargs)
-
-        def sentinel_masters() -> Any:
-            try:
-                masters = ask()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                client.fss_error = f"{where}: {type(exc).__name__}: {exc}"
-                raise
-            client.fss_error = None
-            return masters
-
-        return sentinel_masters
-
     # (The URL's user and password win over the options', as in redis-py's from_url.)
     master_kwargs = {**extra, **auth, **owned()}
-    manager = Manager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
-    return manager.master_for(  # type: ignore[no-untyped-call]
-        service, connection_pool_class=Pool, db=db, redis_connect_func=on_connect
+    manager = SentinelManager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
+    return untyped(manager).master_for(
+        service, connection_pool_class=SentinelPool, db=db, redis_connect_func=hook
     )
+
+
+def _handshake_then(connected: Callable[[Any], None], connection: Any) -> None:
+    """redis-py's handshake on a new connection, then ``connected(connection)``."""
+    connection.on_connect()
+    connected(connection)
 
 
 def checked(arguments: dict[str, Any]) -> None:
@@ -445,10 +389,10 @@ def unchecked() -> dict[str, Any]:
     its own. Off, the pool finds it and reconnects.
     """
     try:
-        from redis.maint_notifications import MaintNotificationsConfig
+        notifications = importlib.import_module("redis.maint_notifications")
     except ImportError:  # redis-py before 7: nothing to turn off
         return {}
-    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+    return {"maint_notifications_config": notifications.MaintNotificationsConfig(enabled=False)}
 
 
 def unavailable(
@@ -468,7 +412,8 @@ def unavailable(
     if refused(exc):
         return SharedStateUnavailable(
             f"Redis at {address} refused {op!r} to this ACL user (NOPERM {exc}); nothing"
-            " was changed. The backend needs these commands on the keys of its namespace"
+            " was changed. The backend (and flask sharedstate status) needs these commands"
+            " on the keys of its namespace"
             f" ({{{namespace}}}:*): ACL SETUSER <user> ~{{{namespace}}}:*"
             f" +{' +'.join(COMMANDS.split())}"
         )

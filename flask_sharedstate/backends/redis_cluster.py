@@ -27,7 +27,6 @@ and builds this client with them).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -89,8 +88,7 @@ class ClusterClient:
     operation (``SharedStateUnavailable``), tried again by the next, as with the
     plain client.
 
-    :param connected: called with each new connection, after its handshake
-        (or, with ``handshake``, to do it: it calls ``connection.on_connect()``).
+    :param connected: called with each new connection, after redis-py's handshake.
     :param options: more redis-py connection arguments for every node (TLS,
         credentials), checked by ``redis_client.check``.
     """
@@ -101,13 +99,11 @@ class ClusterClient:
         timeout: float,
         connected: Callable[[Any], None],
         options: Mapping[str, Any] | None = None,
-        handshake: bool = False,
     ) -> None:
         self._url = url
         self._timeout = timeout
         self._connected = connected
         self._options = dict(options or {})
-        self._handshake = handshake
         self._lock = threading.Lock()
         self._client: Any = None
 
@@ -116,9 +112,7 @@ class ClusterClient:
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = _build(
-                        self._url, self._timeout, self._connected, self._options, self._handshake
-                    )
+                    self._client = _build(self._url, self._timeout, self._connected, self._options)
                 client = self._client
         return client
 
@@ -130,8 +124,10 @@ class ClusterClient:
     def register_script(self, script: str) -> Any:
         from redis.commands.core import Script
 
+        from .redis_classes import untyped
+
         # As bytes: a str would make Script ask the (unbuilt) client for its encoder.
-        return Script(self, script.encode())  # type: ignore[arg-type]  # it forwards to one
+        return untyped(Script)(self, script.encode())  # (it forwards to one)
 
     def disconnect(self) -> None:
         """Close every connection to every node (the slot map is kept)."""
@@ -140,66 +136,13 @@ class ClusterClient:
 
 
 def _build(
-    url: str,
-    timeout: float,
-    connected: Callable[[Any], None],
-    extra: Mapping[str, Any],
-    handshake: bool,
+    url: str, timeout: float, connected: Callable[[Any], None], extra: Mapping[str, Any]
 ) -> Any:
     import redis
-    from redis.backoff import NoBackoff
-    from redis.cluster import ClusterNode, RedisCluster
-    from redis.exceptions import (
-        ClusterDownError,
-        ClusterError,
-        RedisClusterException,
-        SlotNotCoveredError,
-        TryAgainError,
-    )
-    from redis.retry import Retry
+    from redis.exceptions import RedisClusterException
 
+    from .redis_classes import Cluster, ClusterUnreachable, cluster_node, no_retry, untyped
     from .redis_client import redis_version, tls_refused, unchecked
-
-    class SlotUnavailable(redis.TimeoutError):
-        """The cluster kept refusing a command (not run) until the timeout."""
-
-    class ClusterUnreachable(redis.TimeoutError):
-        """No node of the cluster answered (a command may or may not have run)."""
-
-    refused = (TryAgainError, ClusterDownError, SlotNotCoveredError)
-
-    class Cluster(RedisCluster):
-        def on_connect(self, connection: Any) -> None:
-            if handshake:  # (``connected`` does redis-py's handshake itself)
-                connected(connection)
-            else:
-                super().on_connect(connection)  # type: ignore[no-untyped-call]
-
-        def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-            deadline = time.monotonic() + timeout
-            pause = 0.01
-            while True:
-                try:
-                    return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-                except (ClusterError, RedisClusterException, TryAgainError) as exc:
-                    # Refused before it ran: TRYAGAIN (the slot's keys are half
-                    # migrated), CLUSTERDOWN, no node for the slot, or redis-py's
-                    # "TTL exhausted" after redirections only. Safe to send again.
-                    not_run = isinstance(exc, refused) or str(exc) == "TTL exhausted."
-                    if not not_run:
-                        if isinstance(exc, RedisClusterException) and exc.__context__ is not None:
-                            # Refreshing the slot map after a lost node failed.
-                            raise ClusterUnreachable(str(exc)) from None
-                        raise
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise SlotUnavailable(
-                            f"the cluster refused {args[0]} for {timeout:g}s"
-                            f" ({type(exc).__name__}: {exc}): the namespace's slot is"
-                            " being migrated or the cluster is down; it was not applied"
-                        ) from None
-                    time.sleep(min(pause, deadline - now))
-                    pause = min(pause * 2, 0.1)
 
     nodes, username, password = parse_url(url)
     options: dict[str, Any] = dict(extra)  # (the URL's user and password win, as redis-py's)
@@ -210,13 +153,15 @@ def _build(
     if redis_version() < (6, 0):  # later ones read retry= only
         options["cluster_error_retry_attempts"] = 0
     try:
-        return Cluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
+        # (Through untyped: redis-py 5's stubs call the class abstract.)
+        return untyped(Cluster)(
+            timeout=timeout,
+            startup_nodes=[cluster_node(host, port) for host, port in nodes],
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # No silent retries: a write whose reply was lost must not run twice.
-            retry=Retry(NoBackoff(), 0),
-            # Called on every new connection (see Cluster.on_connect).
+            retry=no_retry(),
+            # Called on every new connection, after redis-py's handshake.
             redis_connect_func=connected,
             protocol=2,
             **unchecked(),
