@@ -185,7 +185,10 @@ class Direct(Operations):
         # a read that found the key absent or unequal, True at a swap that matched.
         deadline = time.monotonic() + self.timeout
         while True:
-            current = self.backend.call("get", key)
+            try:
+                current = self.backend.call("get", key)
+            except ValueError:  # not this app's to read (on Redis: signed with another key)
+                return False
             if current is None or not unpack(current) == expected:
                 return False
             if self.backend.call("compare_and_set", key, current, packed_new):
