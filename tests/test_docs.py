@@ -168,7 +168,9 @@ def test_from_a_clone_lists_the_apt_packages_scripts_test_installs() -> None:
     readme = _readme()
     start = readme.index("### From a clone of the repository")
     section = readme[start : readme.index("<!-- quickstart-end -->", start)]
-    listed = re.search(r"installs,\s+where\s+they\s+are\s+missing,\s+(.*?)\s+with\s+apt", section, re.S)
+    listed = re.search(
+        r"installs,\s+where\s+they\s+are\s+missing,\s+(.*?)\s+with\s+apt", section, re.S
+    )
     assert listed, "the README no longer says which apt packages scripts/test installs"
     assert set(re.findall(r"`([\w.+-]+)`", listed.group(1))) == installed
 
