@@ -62,6 +62,10 @@ ENCODE = (
     " urllib.parse.quote(password, safe='')."
 )
 
+#: Connections per process (and app) to one Redis, unless max_connections says otherwise.
+#: A caller that finds them all lent waits for one, up to SHAREDSTATE_TIMEOUT.
+POOL_SIZE = 50
+
 #: redis-py arguments the backend sets itself, and why a user may not.
 OWNED: dict[str, str] = {
     "socket_timeout": "every reply is bounded by SHAREDSTATE_TIMEOUT",
@@ -335,8 +339,14 @@ def connect(
     if url.startswith(SCHEMES):
         if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
             checked(extra)
+        # A bounded pool per process whose callers wait (up to the timeout) for a
+        # connection when all are lent, as the state server's clients wait for theirs.
         # The URL's query parameters override keyword arguments (redis-py's rule).
-        return untyped(redis.Redis).from_url(url, **extra, **owned(), redis_connect_func=hook)
+        extra.setdefault("max_connections", POOL_SIZE)
+        pool = untyped(redis.BlockingConnectionPool).from_url(
+            url, **extra, **owned(), timeout=timeout, redis_connect_func=hook
+        )
+        return untyped(redis.Redis)(connection_pool=pool)
     # The URL's query parameters override keyword arguments (redis-py's rule).
     parsers: Mapping[str, Callable[[str], Any]] = untyped(URL_QUERY_ARGUMENT_PARSERS)
     for name, values in parse_qs(urlsplit(url).query).items():
@@ -450,6 +460,13 @@ def unavailable(
             f"{': ' + ', '.join(causes) if causes else ''}): the sentinels are unreachable,"
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
+        )
+    if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
+        return SharedStateUnavailable(
+            f"Redis at {address}: every connection of this process's pool stayed in use"
+            f" for {timeout:g}s (SHAREDSTATE_TIMEOUT): {op!r} was not sent. The pool holds"
+            f" max_connections ({POOL_SIZE} unless SHAREDSTATE_REDIS_OPTIONS says otherwise)"
+            " per process; raise it, or look for slow commands or a slow Redis."
         )
     full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
     if isinstance(exc, full) or str(exc) == "Too many connections":
