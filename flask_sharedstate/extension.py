@@ -388,6 +388,13 @@ class SharedState:
             def card(uid):
                 ...
 
+        Every request for one key gets the value stored for it: the view runs
+        once while the key is cold, the other requests wait for its value (up
+        to ``SHAREDSTATE_TIMEOUT``, then :exc:`~flask_sharedstate.LockTimeout`),
+        and a runner that lost its lock meanwhile writes nothing and answers
+        with the stored value (see :meth:`get_or_set`). An error of the view is
+        its own request's; the next request runs it again.
+
         :param ttl: seconds the value is kept (None: until deleted).
         :param key: a function of no arguments, called in the request, that
             returns the key to cache under; by default ``view:`` plus the view's

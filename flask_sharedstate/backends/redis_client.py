@@ -371,9 +371,14 @@ def connect(
         checked(sentinel_kwargs)
     # (The URL's user and password win over the options', as in redis-py's from_url.)
     master_kwargs = {**extra, **auth, **owned()}
+    master_kwargs.setdefault("max_connections", POOL_SIZE)
     manager = SentinelManager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     return untyped(manager).master_for(
-        service, connection_pool_class=SentinelPool, db=db, redis_connect_func=hook
+        service,
+        connection_pool_class=SentinelPool,
+        db=db,
+        redis_connect_func=hook,
+        fss_wait=timeout,
     )
 
 
@@ -411,6 +416,8 @@ def unavailable(
     """The error for a Redis that could not be used: what happened and what to do."""
     import redis
     from redis.sentinel import MasterNotFoundError
+
+    from .redis_classes import pool_full
 
     what = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, redis.AuthenticationError):
@@ -461,21 +468,16 @@ def unavailable(
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
         )
-    if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
-        return SharedStateUnavailable(
-            f"Redis at {address}: every connection of this process's pool stayed in use"
-            f" for {timeout:g}s (SHAREDSTATE_TIMEOUT): {op!r} was not sent. The pool holds"
-            f" max_connections ({POOL_SIZE} unless SHAREDSTATE_REDIS_OPTIONS says otherwise)"
-            " per process; raise it, or look for slow commands or a slow Redis."
-        )
-    full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
-    if isinstance(exc, full) or str(exc) == "Too many connections":
+    if (
+        isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available."
+    ) or pool_full(exc):
+        # (The first: BlockingConnectionPool's; the second: a cluster node's pool.)
         return SharedStateUnavailable(
             f"Redis at {address}: every connection of this process's pool was in use"
-            f" ({what}): {op!r} was not sent, at once (redis-py's pool does not wait for"
-            " one). Raise max_connections in SHAREDSTATE_REDIS_OPTIONS to the threads (or"
-            " greenlets) of a worker that use the app, plus one (the lease renewal), or"
-            " remove it."
+            f" ({what}): {op!r} was not sent. The pool holds max_connections ({POOL_SIZE}"
+            " unless SHAREDSTATE_REDIS_OPTIONS says otherwise) per process, and a caller"
+            f" waits up to {timeout:g}s (SHAREDSTATE_TIMEOUT) for one (on a cluster it does"
+            " not wait): raise max_connections, or look for slow commands or a slow Redis."
         )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(
