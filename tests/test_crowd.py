@@ -1,5 +1,6 @@
-"""Crowds of greenlets and threads in real processes: get_or_set's single flight, and
-the Redis pool, on the state server and on a real redis-server."""
+"""get_or_set's single flight and fencing, and the Redis pool: crowds of gevent greenlets
+and threads in real processes on a real state server and redis-server, runners stopped
+(SIGSTOP) past their lease or cut off by a server restart, and the contract on every backend."""
 
 from __future__ import annotations
 
@@ -8,19 +9,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from flask_sharedstate import LockTimeout
+
 import workers
 from conftest import make_app, sigstop, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "crowdworkers.py")
-
-pytest.importorskip("gevent")
 
 
 def _backend_env(backend: str, run_dir: str) -> dict[str, str]:
@@ -166,3 +168,92 @@ def test_manager_restart_under_a_runner_gives_one_value(run_dir: str) -> None:
             open(go, "w").close()
     assert _runner_result(proc) == {"result": "second"}
     assert shared.get("k") == "second"
+
+
+# -- get_or_set on every backend, one process ------------------------------------------------
+
+
+def test_get_or_set_stores_once_with_its_ttl(shared: Any, app: Any) -> None:
+    """A cold key runs fn and stores its value with the ttl; a warm one does not run fn."""
+    with app.app_context():
+        assert shared.get_or_set("k", lambda: {"a": 1}, ttl=60) == {"a": 1}
+        assert shared.get_or_set("k", lambda: {"a": 2}) == {"a": 1}
+        assert 0 < shared.ttl("k") <= 60
+        assert not shared.lock("get_or_set:k").locked()
+
+
+def test_get_or_set_error_or_unstorable_value_leaves_nothing(shared: Any, app: Any) -> None:
+    """fn's error, or a value that cannot be stored, reaches the caller; nothing is
+    stored, the lock is free, and the next caller runs fn."""
+    with app.app_context():
+        with pytest.raises(ZeroDivisionError):
+            shared.get_or_set("k", lambda: 1 / 0)
+        assert not shared.lock("get_or_set:k").locked()
+        with pytest.raises(TypeError, match="'k'"):
+            shared.get_or_set("k", threading.Lock)
+        assert not shared.lock("get_or_set:k").locked()
+        assert "k" not in shared.dict
+        assert shared.get_or_set("k", lambda: 5) == 5
+
+
+def test_get_or_set_waiter_times_out_naming_the_key(shared: Any, app: Any) -> None:
+    """While another thread holds the key's lock and stores nothing, a caller gets
+    LockTimeout after its timeout, naming the key; the holder keeps its lock."""
+    with app.app_context():
+        lock = shared.lock("get_or_set:slow")
+        lock.acquire()
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            with app.app_context():
+                try:
+                    shared.get_or_set("slow", lambda: "never", timeout=1.0)
+                except BaseException as exc:  # noqa: BLE001 - the test reads it
+                    errors.append(exc)
+
+        thread = threading.Thread(target=waiter)
+        try:
+            thread.start()
+            thread.join(30)
+        finally:
+            lock.release()
+        assert len(errors) == 1 and isinstance(errors[0], LockTimeout), errors
+        assert "'slow'" in str(errors[0]) and "1s" in str(errors[0]), errors[0]
+        assert "slow" not in shared.dict
+
+
+def test_get_or_set_waiters_get_the_runners_value(shared: Any, app: Any) -> None:
+    """Threads of one process waiting for a runner all return the runner's value; fn ran once."""
+    runs: list[int] = []
+    release = threading.Event()
+
+    def fn() -> str:
+        runs.append(1)
+        release.wait(30)
+        return "v"
+
+    results: list[Any] = []
+
+    def caller() -> None:
+        with app.app_context():
+            results.append(shared.get_or_set("k", fn, timeout=30))
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    with app.app_context():
+        wait_for(lambda: runs and shared.lock("get_or_set:k").locked(), 30)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert results == ["v"] * 8
+    assert runs == [1]
+
+
+def test_get_or_set_in_an_atomic_block(shared: Any, app: Any) -> None:
+    """Inside an atomic block get_or_set reads and writes in the block."""
+    with app.app_context():
+        with shared.atomic():
+            assert shared.get_or_set("k", lambda: [1]) == [1]
+            assert shared.get_or_set("k", lambda: [2]) == [1]
+        assert shared.get("k") == [1]
