@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any, TypeVar, overload
@@ -19,11 +20,11 @@ from flask import Flask, current_app, has_app_context
 
 from .app_context import current_context as _app_context
 from .atomic import Transaction
-from .backends.base import Backend, check_key, check_request, pack
+from .backends.base import Backend, check_key, check_request, pack, unpack
 from .backends.client_cache import ABSENT
 from .config import Settings, load_settings
-from .errors import LockTimeout, SharedStateError
-from .operations import MISSING, Direct, Operations, check_timeout
+from .errors import LockNotOwned, LockTimeout, SharedStateError
+from .operations import MISSING, Direct, Operations, check_timeout, check_ttl
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -268,26 +269,103 @@ class SharedState:
     ) -> Any:
         """The value of ``key``; if absent, ``func()`` computes it once across all workers.
 
-        Single flight: of the processes that find the key absent at the same
-        time, one runs ``func`` (holding the lock ``get_or_set:KEY``) and
-        stores its result with ``ttl``; the others wait for that lock and then
-        read the value. If the runner raises, the error is its own and the next
-        waiter runs ``func``; if its process dies, the lock is freed (at once on
-        the embedded server, after the lease on Redis) and a waiter takes over.
+        Single flight: of the callers that find the key absent at the same time
+        (threads, greenlets, processes), one takes the lock ``get_or_set:KEY``
+        and runs ``func``; the others wait for the value, and each gets it as
+        soon as it is stored (the state server answers them all at once; on
+        Redis they poll, at most 50 ms apart).
 
-        :param timeout: seconds a waiter waits (default ``SHAREDSTATE_TIMEOUT``).
+        The runner's value is *fenced*: it is stored, with ``ttl``, only while
+        the runner still holds the lock, in one step with the lock's release.
+        A runner that lost the lock meanwhile (on Redis, its lease ran out
+        while its process was stopped or cut off; on the state server, its
+        connection was lost or the server restarted) writes nothing: it
+        returns the value another runner stored, or, if there is none yet,
+        takes the lock again and stores its own. So every caller returns the
+        value that is stored for ``key`` (not a second one computed beside it),
+        though ``func`` may have run more than once when a lock was lost.
+
+        If ``func`` raises, the error is its caller's, nothing is stored, and a
+        waiter runs ``func`` in turn; if the runner's process dies, the lock is
+        freed (at once on the embedded server, after the lease on Redis) and a
+        waiter takes over. Inside an atomic block the lock is taken and the
+        value read and written in the block.
+
+        :param timeout: seconds a caller waits for the value (default
+            ``SHAREDSTATE_TIMEOUT``); a runner that lost its lock waits that
+            long again once ``func`` has returned.
         :raises LockTimeout: the value did not come within ``timeout``.
+        :raises TypeError: ``func``'s value cannot be stored (nothing is).
         """
-        value = self._ops().get(key)
+        state = self.state()
+        transaction = state.transaction.get()
+        name = f"get_or_set:{check_key(key)}"
+        if timeout is None:
+            timeout = state.settings.timeout
+        timeout = check_timeout("get_or_set(timeout=...)", timeout)
+        ttl = check_ttl(ttl)
+        if transaction is not None:
+            return self._get_or_set_in_block(transaction, key, name, func, ttl, timeout)
+        value = state.direct.get(key)  # (the read cache's hit, where there is one)
         if value is not MISSING:
             return value
-        lock = self.lock(f"get_or_set:{check_key(key)}")
+        backend = state.backend
+        deadline = time.monotonic() + timeout
+        packed: Any = MISSING
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise LockTimeout("timed out")
+                found, stored = backend.call("get_or_claim", key, name, left)
+            except LockTimeout:
+                raise LockTimeout(
+                    f"the value of {key!r} did not come within {timeout:g}s: another"
+                    f" caller holds lock {name!r} and is computing it"
+                ) from None
+            if found:
+                return unpack(stored)
+            if packed is MISSING:
+                try:
+                    value = func()
+                    packed = pack(key, value)
+                    check_request("get_or_set()", (key, packed, ttl, name))
+                except BaseException:
+                    self._let_go(backend, name)
+                    raise
+                deadline = time.monotonic() + timeout
+            if backend.call("fill", key, packed, ttl, name):
+                return value
+            # The lock was lost while func ran: another caller may have stored a
+            # value meanwhile, which is then everyone's; else claim again and store ours.
+
+    @staticmethod
+    def _let_go(backend: Backend, name: str) -> None:
+        """Release a claim whose func failed; a lock already lost needs nothing."""
+        try:
+            backend.call("release", name)
+        except (LockNotOwned, RuntimeError):
+            pass
+
+    def _get_or_set_in_block(
+        self,
+        transaction: Transaction,
+        key: str,
+        name: str,
+        func: Callable[[], Any],
+        ttl: float | None,
+        timeout: float,
+    ) -> Any:
+        value = transaction.get(key)
+        if value is not MISSING:
+            return value
+        lock = self.lock(name)
         lock.acquire(timeout=timeout)
         try:
-            value = self._ops().get(key)
+            value = transaction.get(key)
             if value is MISSING:
                 value = func()
-                self.set(key, value, ttl=ttl)
+                transaction.set(key, value, ttl)
             return value
         finally:
             lock.release()
@@ -309,6 +387,13 @@ class SharedState:
             @shared.cached(ttl=60, key=lambda: f"card:{request.view_args['uid']}")
             def card(uid):
                 ...
+
+        Every request for one key gets the value stored for it: the view runs
+        once while the key is cold, the other requests wait for its value (up
+        to ``SHAREDSTATE_TIMEOUT``, then :exc:`~flask_sharedstate.LockTimeout`),
+        and a runner that lost its lock meanwhile writes nothing and answers
+        with the stored value (see :meth:`get_or_set`). An error of the view is
+        its own request's; the next request runs it again.
 
         :param ttl: seconds the value is kept (None: until deleted).
         :param key: a function of no arguments, called in the request, that

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import redis as redis_client
 
 from flask_sharedstate import AuthenticationError, ConfigError, SharedState, SharedStateUnavailable
+from flask_sharedstate.backends.redis_client import redis_version
 
 from conftest import free_port, make_app, stop_process, wait_for
 from servers import ROOT, LoadProgress, Server, start_gunicorn
@@ -682,3 +684,54 @@ def test_sentinel_failover_under_gunicorn_load(
     # (their values are then handed out again).
     assert final <= len(acknowledged) + len(failed)
     assert final >= max(acknowledged) >= len(set(acknowledged))
+
+
+def test_sentinel_pool_waits_for_a_connection(
+    sentinel_setup: dict[str, Any], run_dir: str, redis_url: str
+) -> None:
+    """Over Sentinel with max_connections=1 and the one connection lent, a write waits
+    for it and goes through once it is back; kept past SHAREDSTATE_TIMEOUT, the write
+    fails saying the pool was in use and that it was not sent."""
+    app = make_app("redis", run_dir, name="sentinel-pool", SHAREDSTATE_TIMEOUT=3.0)
+    app.config.update(
+        SHAREDSTATE_REDIS_URL=sentinel_setup["url"],
+        SHAREDSTATE_REDIS_OPTIONS={"max_connections": 1},
+    )
+    shared = SharedState(app)
+    pool = shared.state().backend.client.connection_pool  # type: ignore[attr-defined]
+
+    def lend() -> Any:  # redis-py's public pool API (the command's name before 5.3)
+        return pool.get_connection("GET") if redis_version() < (5, 3) else pool.get_connection()
+
+    try:
+        with app.app_context():
+            shared.set("k", "v")
+            done: list[bool] = []
+
+            def writer() -> None:
+                with app.app_context():
+                    shared.set("k", "w")
+                    done.append(True)
+
+            held = lend()
+            thread = threading.Thread(target=writer)
+            try:
+                thread.start()
+                time.sleep(1.0)
+                assert not done  # it waits for the one connection
+            finally:
+                pool.release(held)
+                thread.join(30)
+            assert done == [True]
+            assert shared.get("k") == "w"
+            held = lend()
+            try:
+                with pytest.raises(SharedStateUnavailable) as full:
+                    shared.set("k", "x")
+            finally:
+                pool.release(held)
+            assert "pool was in use" in str(full.value), full.value
+            assert "was not sent" in str(full.value), full.value
+            assert shared.get("k") == "w"
+    finally:
+        shared.state().backend.close()

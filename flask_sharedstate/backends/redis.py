@@ -43,6 +43,7 @@ from __future__ import annotations
 import hmac
 import os
 import pickle
+import random
 import threading
 import time
 import uuid
@@ -94,6 +95,9 @@ def _ms(seconds: float | None) -> str:
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
+
+#: The longest pause, in seconds, between a get_or_set waiter's polls for the value.
+CLAIM_POLL = 0.05
 
 #: Seconds between aborts of failed atomic blocks (orphans), while there are some.
 ORPHAN_RETRY = 1.0
@@ -670,6 +674,52 @@ class RedisBackend(Backend):
             self._renewer.discard(key, session.token)
             raise self._not_held(name, name in session.held)
         return True
+
+    # -- get_or_set's single flight ------------------------------------------------
+
+    def op_get_or_claim(self, key: str, lock: str, timeout: float) -> tuple[bool, Packed | None]:
+        # Polled, as acquire is: Redis cannot park a request. The pause grows to
+        # CLAIM_POLL at most, so a waiter sees the value that long after it is stored.
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        lock_key = self._lock_prefix + lock
+        keys = [self._key(key), lock_key]
+        while True:
+            session = self._session()
+            reply = self._eval("get_or_claim", keys, [session.token, self._lease_ms])
+            if type(reply) is not list:
+                return True, self._decode(key, reply)
+            status = reply[0]
+            if status == b"ok":
+                session.held.add(lock)
+                self._renewer.add(lock_key, session.token)
+                return False, None
+            if status == b"reentrant":
+                raise RuntimeError(
+                    f"lock {lock!r} is already held by this client; it is not reentrant"
+                )
+            now = time.monotonic()
+            if now >= deadline:
+                raise LockTimeout(f"the value of {key!r} (lock {lock!r}) waited {timeout:g}s")
+            # A crowd of waiters spreads its polls out rather than sending them together.
+            time.sleep(min(pause * (0.5 + random.random()), deadline - now))
+            pause = min(pause * 2, CLAIM_POLL)
+
+    def op_fill(self, key: str, value: Packed, ttl: float | None, lock: str) -> bool:
+        session = self._session()
+        lock_key = self._lock_prefix + lock
+        try:
+            reply = self._write(
+                "fill",
+                [lock_key, self._key(key)],
+                session.token,
+                self._encode(key, value),
+                _ms(ttl),
+            )
+        finally:
+            self._renewer.discard(lock_key, session.token)
+            session.held.discard(lock)
+        return bool(reply)
 
     def _not_held(self, name: str, taken: bool) -> RuntimeError:
         if not taken:

@@ -10,6 +10,7 @@ with annotations and on those without.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -31,6 +32,12 @@ SENTINEL_CHECK = 1.0
 def untyped(value: object) -> Any:
     """``value``, typed as Any: redis-py annotates some releases and not others."""
     return value
+
+
+def pool_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's refusal of a connection because its pool is full."""
+    full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
+    return isinstance(exc, full) or str(exc) == "Too many connections"
 
 
 def no_retry() -> Any:
@@ -55,13 +62,45 @@ class SentinelPool(SentinelConnectionPool):
     down) has already said so, without a second wait for the sentinels.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fss_wait: float = 0.0, **kwargs: Any) -> None:
+        #: seconds a caller waits for a connection while all ``max_connections`` are lent
+        self.fss_wait = fss_wait
         untyped(super()).__init__(*args, **kwargs)
         self.fss_checked = time.monotonic()
 
+    def reset(self) -> None:
+        # (Also in a forked child: a condition the parent's threads held is not the child's.)
+        untyped(super()).reset()
+        self.fss_returned = threading.Condition()
+
+    def release(self, connection: Any) -> None:
+        untyped(super()).release(connection)
+        with self.fss_returned:
+            self.fss_returned.notify()
+
+    def _lend(self, args: Any, kwargs: Any) -> Any:
+        """redis-py's ``get_connection``; while every connection is lent, wait for one to
+        come back (up to :attr:`fss_wait`), as ``BlockingConnectionPool`` does, instead of
+        failing at once. redis-py has no blocking pool for Sentinel."""
+        deadline = None
+        while True:
+            try:
+                return untyped(super()).get_connection(*args, **kwargs)
+            except redis.ConnectionError as exc:
+                if not pool_full(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.fss_wait
+                if now >= deadline:
+                    raise
+                with self.fss_returned:
+                    # (Bounded: a connection given back just before this wait is not missed long.)
+                    self.fss_returned.wait(min(deadline - now, 0.05))
+
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         # (No arguments since redis-py 5.3, which warns of them; needed before.)
-        connection = untyped(super()).get_connection(*args, **kwargs)
+        connection = self._lend(args, kwargs)
         now = time.monotonic()
         if now - self.fss_checked >= SENTINEL_CHECK:
             self.fss_checked = now

@@ -62,6 +62,10 @@ ENCODE = (
     " urllib.parse.quote(password, safe='')."
 )
 
+#: Connections per process (and app) to one Redis, unless max_connections says otherwise.
+#: A caller that finds them all lent waits for one, up to SHAREDSTATE_TIMEOUT.
+POOL_SIZE = 50
+
 #: redis-py arguments the backend sets itself, and why a user may not.
 OWNED: dict[str, str] = {
     "socket_timeout": "every reply is bounded by SHAREDSTATE_TIMEOUT",
@@ -335,8 +339,14 @@ def connect(
     if url.startswith(SCHEMES):
         if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
             checked(extra)
+        # A bounded pool per process whose callers wait (up to the timeout) for a
+        # connection when all are lent, as the state server's clients wait for theirs.
         # The URL's query parameters override keyword arguments (redis-py's rule).
-        return untyped(redis.Redis).from_url(url, **extra, **owned(), redis_connect_func=hook)
+        extra.setdefault("max_connections", POOL_SIZE)
+        pool = untyped(redis.BlockingConnectionPool).from_url(
+            url, **extra, **owned(), timeout=timeout, redis_connect_func=hook
+        )
+        return untyped(redis.Redis)(connection_pool=pool)
     # The URL's query parameters override keyword arguments (redis-py's rule).
     parsers: Mapping[str, Callable[[str], Any]] = untyped(URL_QUERY_ARGUMENT_PARSERS)
     for name, values in parse_qs(urlsplit(url).query).items():
@@ -361,9 +371,14 @@ def connect(
         checked(sentinel_kwargs)
     # (The URL's user and password win over the options', as in redis-py's from_url.)
     master_kwargs = {**extra, **auth, **owned()}
+    master_kwargs.setdefault("max_connections", POOL_SIZE)
     manager = SentinelManager(sentinels, sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     return untyped(manager).master_for(
-        service, connection_pool_class=SentinelPool, db=db, redis_connect_func=hook
+        service,
+        connection_pool_class=SentinelPool,
+        db=db,
+        redis_connect_func=hook,
+        fss_wait=timeout,
     )
 
 
@@ -401,6 +416,8 @@ def unavailable(
     """The error for a Redis that could not be used: what happened and what to do."""
     import redis
     from redis.sentinel import MasterNotFoundError
+
+    from .redis_classes import pool_full
 
     what = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, redis.AuthenticationError):
@@ -451,14 +468,16 @@ def unavailable(
             " refuse this client, or are between a master's failure and its replacement;"
             f" if it was a write, it was not sent.{hint}"
         )
-    full = getattr(redis.exceptions, "MaxConnectionsError", ())  # (redis-py 5.1 and later)
-    if isinstance(exc, full) or str(exc) == "Too many connections":
+    if (
+        isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available."
+    ) or pool_full(exc):
+        # (The first: BlockingConnectionPool's; the second: a cluster node's pool.)
         return SharedStateUnavailable(
             f"Redis at {address}: every connection of this process's pool was in use"
-            f" ({what}): {op!r} was not sent, at once (redis-py's pool does not wait for"
-            " one). Raise max_connections in SHAREDSTATE_REDIS_OPTIONS to the threads (or"
-            " greenlets) of a worker that use the app, plus one (the lease renewal), or"
-            " remove it."
+            f" ({what}): {op!r} was not sent. The pool holds max_connections ({POOL_SIZE}"
+            " unless SHAREDSTATE_REDIS_OPTIONS says otherwise) per process, and a caller"
+            f" waits up to {timeout:g}s (SHAREDSTATE_TIMEOUT) for one (on a cluster it does"
+            " not wait): raise max_connections, or look for slow commands or a slow Redis."
         )
     if isinstance(exc, redis.TimeoutError):
         return SharedStateUnavailable(

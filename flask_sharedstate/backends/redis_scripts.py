@@ -159,6 +159,29 @@ else
 end
 return {'ok'}
 """,
+    # get_or_set's single flight. KEYS: key, lock; ARGV: token, lease ms. The value
+    # (bare), or {'ok'} (the lock is now this token's), {'busy'} or {'reentrant'}.
+    "get_or_claim": """
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then return {'reentrant'} end
+if holder then return {'busy'} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {'ok'}
+""",
+    # KEYS: txn, lock, key; ARGV: token, value, ttl ms or ''. Stores the value and
+    # releases the lock only if the token still holds it: 1, else 0 (nothing written).
+    "fill": _script(
+        """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[3], ARGV[2])
+else redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3]) end
+redis.call('DEL', KEYS[2])
+return 1
+""",
+        first=3,
+    ),
     # KEYS: lock...; ARGV: lease ms, token... -> 1 (renewed or longer) or 0 (lost), per lock.
     # A lease that extend() made longer than the lease is left alone.
     "renew": """

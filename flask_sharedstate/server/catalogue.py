@@ -55,6 +55,10 @@ OPERATIONS: dict[str, Operation] = _catalogue(
     Operation("release"),
     Operation("extend"),
     Operation("locked", read_only=True),
+    # get_or_set's single flight: a key's value, or its lock (waiting for either), and
+    # the value stored only while that lock is still held (then released).
+    Operation("get_or_claim", wait=2),
+    Operation("fill"),
     Operation("txn_read", wait=1),
     Operation("txn_commit", wait=1),
     Operation("txn_abort"),

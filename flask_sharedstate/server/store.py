@@ -645,6 +645,32 @@ class Session:
     def locked(self, name: str) -> bool:
         return name in self.space.locks
 
+    # -- get_or_set's single flight ------------------------------------------------
+
+    def get_or_claim(self, key: str, lock: str, timeout: float) -> tuple[bool, Value | None]:
+        """``(True, value)`` if ``key`` is present, else take lock ``lock`` and answer
+        ``(False, None)``; while another session holds it, wait (up to ``timeout``)
+        for whichever comes first: the value, or the lock let go."""
+        key = _check_key(key)
+        if self._alive(key):
+            return True, self.space.data[key]
+        if self.acquire(lock, 0.0):
+            return False, None
+        raise WouldBlock(timeout, f"the value of {key!r} (lock {lock!r})")
+
+    def fill(self, key: str, value: Value, ttl: float | None, lock: str) -> bool:
+        """Store ``key`` and release lock ``lock``, as one step, only if this session
+        still holds the lock; False (nothing written) if it does not."""
+        key = _check_key(key)
+        value = _check_value(key, value)
+        ttl = _check_ttl(ttl)
+        if self.space.locks.get(lock) is not self:
+            return False
+        self._writable((key,))
+        self._store(key, value, ttl)
+        self.release(lock)
+        return True
+
     # -- atomic blocks ---------------------------------------------------------
 
     def _begin(self, timeout: float) -> None:
