@@ -132,6 +132,11 @@ class _Broken(Exception):
         self.cause = cause
 
 
+class _Busy(Exception):
+    """Someone listens at the address but did not accept or answer in time: overloaded
+    (or stopped), never a reason to elect a new server."""
+
+
 class ManagerBackend(Backend):
     name = "manager"
 
@@ -342,7 +347,12 @@ class ManagerBackend(Backend):
         # Only the reason is kept: a kept exception would hold this frame (and
         # the new connection with it) in a reference cycle.
         reason = "no attempt"
-        # Connect; if nobody answers, elect (connect or start a server); repeat.
+        busy: _Busy | None = None
+        pause = 0.005
+        # Connect; if nobody listens, elect (connect or start a server); repeat. A
+        # server that is there but busy (its backlog full, its handshake slow) is
+        # waited for, never elected away: the election would queue every client
+        # behind one lock, and a busy server is not a dead one.
         attempts = (self._open, self._elect)
         while time.monotonic() < deadline:
             for attempt in attempts:
@@ -350,13 +360,28 @@ class ManagerBackend(Backend):
                     return attempt(key, deadline)
                 except SharedStateUnavailable:
                     raise
+                except _Busy as exc:
+                    busy = exc
+                    break
                 except (OSError, EOFError) as exc:
                     # Nobody listens (FileNotFoundError, ConnectionRefusedError), or
                     # the server went away between accept and handshake.
+                    busy = None
                     reason = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() >= deadline:
                     break
-            time.sleep(0.01)
+            if busy is not None:
+                pause = min(pause * 2, 0.1)
+                time.sleep(max(min(pause, deadline - time.monotonic()), 0))
+            else:
+                time.sleep(0.01)
+        if busy is not None:
+            raise SharedStateUnavailable(
+                f"the state server at {self.address} is overloaded: it {busy} within"
+                f" SHAREDSTATE_TIMEOUT ({self._timeout:g}s). It is there, not dead, so no"
+                " other server was started; it is busy (or stopped). Raise"
+                " SHAREDSTATE_TIMEOUT, or give it less work at once."
+            )
         raise SharedStateUnavailable(
             f"cannot reach the state server at {self.address} within {self._timeout:g}s"
             f" (SHAREDSTATE_TIMEOUT): {reason}. See {self.settings.run_base}.log for the"
@@ -376,7 +401,12 @@ class ManagerBackend(Backend):
             target = info[4]
         try:
             sock.settimeout(remaining)
-            sock.connect(target)
+            try:
+                sock.connect(target)
+            except (BlockingIOError, TimeoutError):
+                # A unix socket's backlog is full (EAGAIN), or a TCP connect timed out:
+                # someone listens, but is too busy to accept.
+                raise _Busy("did not accept the connection") from None
             sock.settimeout(None)
             # Bound every read and write: a stopped server must not hang this worker.
             protocol.set_receive_timeout(sock, remaining)
@@ -447,10 +477,7 @@ class ManagerBackend(Backend):
             return link
         except (BlockingIOError, TimeoutError):
             link.close()
-            raise SharedStateUnavailable(
-                f"the state server at {self.address} accepted the connection but did not"
-                f" answer within {self._timeout:g}s (SHAREDSTATE_TIMEOUT); is it stopped?"
-            ) from None
+            raise _Busy("accepted the connection but did not answer its handshake") from None
         except BaseException:
             link.close()
             raise
@@ -480,5 +507,9 @@ class ManagerBackend(Backend):
             link = self._open(key, deadline)
         except (OSError, EOFError):
             return None
+        except _Busy as busy:
+            raise SharedStateUnavailable(
+                f"the state server at {self.address} is overloaded: it {busy}"
+            ) from None
         link.close()
         return link.server_pid
