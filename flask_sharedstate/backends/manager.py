@@ -183,8 +183,9 @@ class _Channel:
         self.generation = _fork_generation
         self.cooperative = _gevent_patched()
         self.server_pid = 0
-        #: the SO_RCVTIMEO in force
+        #: the SO_RCVTIMEO in force, and the one for a request of no wait of its own
         self.wait = wait
+        self.default_wait = wait
         self.closed = False
         self.send_lock = threading.Lock()
         self.mutex = threading.Lock()
@@ -192,7 +193,7 @@ class _Channel:
         self.reading = False
         self.buffer = bytearray()
         #: a reply in parts being joined: (id, parts left, parts, size)
-        self.parts: tuple[int, int, list[bytes], int] | None = None
+        self.parts: tuple[int, int, list[bytes | memoryview], int] | None = None
         self.ids = itertools.count(1)
         #: owners that ended, to be told to the server with the next request
         self.forgotten: list[int] = []
@@ -322,7 +323,7 @@ class _Channel:
     def _read_until(self, waiter: _Waiter, deadline: float) -> None:
         """As the reader: read and hand out replies until ``waiter``'s has come."""
         while waiter.reply is None:
-            if self._deliver_buffered():
+            if self.buffer and self._deliver_buffered():
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -332,8 +333,10 @@ class _Channel:
                 if self.cooperative:
                     if not select.select([self.fd], [], [], remaining)[0]:
                         raise BlockingIOError
-                elif abs(remaining - self.wait) > 0.05 and remaining < self.wait:
-                    self._bound_reads(max(remaining, 0.001))
+                else:
+                    bound = min(remaining, self.default_wait)
+                    if abs(bound - self.wait) > 0.05:
+                        self._bound_reads(max(bound, 0.001))
                 data = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
                 continue  # SO_RCVTIMEO expired: the deadline check above decides
@@ -347,6 +350,12 @@ class _Channel:
                 error = EOFError("connection closed by the state server")
                 self.close(error)
                 raise _Broken(True, error)
+            if not self.buffer and self.parts is None and len(data) >= 4:
+                # The common case: exactly one whole reply, handed out without copying.
+                (size,) = protocol.HEADER.unpack_from(data)
+                if len(data) == size + 4:
+                    self._deliver(memoryview(data)[4:])
+                    continue
             self.buffer += data
 
     def _deliver_buffered(self) -> bool:
@@ -370,7 +379,7 @@ class _Channel:
             del buffer[:position]
         return delivered
 
-    def _deliver(self, body: bytes) -> None:
+    def _deliver(self, body: bytes | memoryview) -> None:
         parts = self.parts
         if parts is not None:
             rid, left, chunks, size = parts
@@ -784,6 +793,7 @@ class ManagerBackend(Backend):
                     " Stop that server (flask sharedstate stop) so that one with this"
                     " configuration can start, or give the apps the same setting."
                 )
+            channel.default_wait = self._wait
             channel._bound_reads(self._wait)
             if remaining < self._timeout:
                 sock = socket.socket(fileno=fd)

@@ -709,7 +709,8 @@ class StateServer:
         if position:
             del inbox[:position]
         if client.outbox:
-            self._to_flush.add(client)
+            self._flush(client)  # at once: the usual reply is one small write
+            self._to_flush.discard(client)
 
     def _request(self, client: _Client, body: bytes) -> None:
         try:
