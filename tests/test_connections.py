@@ -225,3 +225,61 @@ def test_a_forked_child_opens_its_own_connection(run_dir: str) -> None:
     child.join(60)
     assert child.exitcode == 0
     assert shared.incr("n") == 102
+
+
+CROWD_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey; monkey.patch_all()
+    import sys, time, gevent
+    sys.path[:0] = [sys.argv[2], sys.argv[3]]
+    import workers
+    from flask_sharedstate import LockTimeout
+    shared = workers.make_shared(sys.argv[1], timeout=5.0)
+    shared.incr("warm")
+    out = {"value": 0, "timeout": 0, "other": 0}
+    def fn():
+        shared.incr("runs")
+        gevent.sleep(0.5)
+        return "value"
+    def one():
+        try:
+            out["value" if shared.get_or_set("cold", fn) == "value" else "other"] += 1
+        except LockTimeout:
+            out["timeout"] += 1
+    start = float(sys.argv[4])
+    while time.time() < start:
+        time.sleep(0.01)
+    gevent.joinall([gevent.spawn(one) for _ in range(int(sys.argv[5]))], timeout=60)
+    print(out["value"], out["timeout"], out["other"])
+    """
+)
+
+
+def test_get_or_set_crowd_gets_the_value_once(run_dir: str) -> None:
+    """4 processes x 300 greenlets on a cold key: fn runs once and every caller gets its
+    value, none a LockTimeout (waiters are parked in the server, not polling)."""
+    path = os.path.join(run_dir, "test_app.sock")
+    shared = workers.make_shared(path)  # this process starts (and owns) the server
+    assert shared.incr("warm") == 1
+    tests = os.path.dirname(os.path.abspath(__file__))
+    start = time.time() + 3
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CROWD_SCRIPT, path, tests, ROOT, str(start), "300"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    for (out, err), p in zip(outputs, procs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["300", "0", "0"], (out, err[-2000:])
+    assert shared.get("runs") == 1
