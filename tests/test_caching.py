@@ -149,8 +149,6 @@ def test_get_or_set_waiter_takes_over_from_a_runner_that_raises(
                 shared.get_or_set("cold", failing, ttl=60)
             except RuntimeError as exc:
                 outcomes["runner"] = exc
-            finally:
-                app.extensions["sharedstate"].backend.close()
 
     thread = threading.Thread(target=runner)
     thread.start()

@@ -262,22 +262,35 @@ def test_connection_flood_keeps_every_write(start_server: Any, nofile: str) -> N
 
 def test_refused_client_gets_a_clear_error(start_server: Any) -> None:
     """A process past its connection limit gets SharedStateUnavailable naming the limit
-    and its key; once connections close, the same thread connects."""
+    and its key for a new connection (another app's), while the threads of an app already
+    connected share its connection and are served; once connections close, it connects."""
     server = start_server()
     shared = server.shared()
-    shared.set("n", 1)  # this thread's link: one of this process's connections
+    shared.set("n", 1)  # this app's connection: one of this process's connections
+    other = server.shared(SHAREDSTATE_CLIENT_CACHE=0)  # another app: its own connection
     held, refused = open_sessions(server.path, server.key, 1023)
     errors: list[BaseException] = []
     results: list[Any] = []
 
     def other_thread() -> None:
         try:
-            results.append(shared.get("n"))
+            results.append(other.get("n"))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    def same_app_thread() -> None:
+        try:
+            results.append(shared.incr("m"))
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
 
     try:
         assert not refused, refused[:3]
+        worker = threading.Thread(target=same_app_thread)
+        worker.start()
+        worker.join(30)
+        assert results == [1] and not errors, (results, errors)
+        results.clear()
         worker = threading.Thread(target=other_thread)
         worker.start()
         worker.join(30)
@@ -300,21 +313,22 @@ def test_refused_client_gets_a_clear_error(start_server: Any) -> None:
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 def test_configured_per_peer_limit(start_server: Any, transport: str) -> None:
     """--max-connections-per-peer (SHAREDSTATE_MAX_CONNECTIONS_PER_PEER) caps one process
-    on a unix socket, one address on TCP; threads past it get the clear error."""
+    on a unix socket, one address on TCP; connections past it (an app each) get the
+    clear error."""
     port = free_port() if transport == "tcp" else None
     server = start_server("--max-connections-per-peer", "3", port=port)
-    shared = server.shared()
+    apps = [server.shared() for _ in range(4)]  # one connection each
     outcomes: list[Any] = []
     release = threading.Event()
 
-    def thread() -> None:
+    def thread(shared: SharedState) -> None:
         try:
             outcomes.append(shared.incr("n"))
         except SharedStateUnavailable as exc:
             outcomes.append(exc)
-        release.wait(30)  # keep this thread's connection open
+        release.wait(30)  # keep the connections open
 
-    threads = [threading.Thread(target=thread) for _ in range(4)]
+    threads = [threading.Thread(target=thread, args=(shared,)) for shared in apps]
     try:
         for t in threads:
             t.start()

@@ -3,15 +3,10 @@ savepoints of nested atomic blocks, and the shape of lost-block errors and the r
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import pickle
 import signal
-import socket
-import struct
-import termios
-import threading
 from typing import Any
 
 import pytest
@@ -21,7 +16,7 @@ from flask.testing import FlaskCliRunner
 from flask_sharedstate import AtomicBlockLost, SharedState
 from flask_sharedstate.cli import sharedstate
 from flask_sharedstate.operations import MAX_TIMEOUT, MAX_TTL, check_ttl
-from flask_sharedstate.server import protocol, store
+from flask_sharedstate.server import store
 from flask_sharedstate.server.protocol import MAX_MESSAGE
 
 from conftest import make_app, pid_alive, wait_for
@@ -67,26 +62,6 @@ def test_results_over_the_message_limit_are_read_whole(
     assert result.exit_code == 0, result.output
     with open(path, "rb") as f:
         assert pickle.load(f)["data"] == expected
-
-
-def test_reply_in_parts_survives_a_full_socket_buffer() -> None:
-    """A reply over the limit reads back whole when its parts already fill the socket buffer."""
-    body = protocol.dumps((True, [bytes([i]) * (30 * MiB) for i in range(3)]))
-    assert len(body) > MAX_MESSAGE
-    reader, writer = socket.socketpair()
-    thread = threading.Thread(target=protocol.write_reply, args=(writer.fileno(), body))
-    try:
-        thread.start()
-
-        def queued() -> int:
-            return struct.unpack("i", fcntl.ioctl(reader.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-
-        wait_for(lambda: queued() > 65536, timeout=20)  # more than the first read takes
-        assert protocol.read_reply(reader.fileno()) == protocol.loads(body)
-    finally:
-        reader.close()
-        thread.join(20)
-        writer.close()
 
 
 @pytest.mark.parametrize("timeout", BAD_SECONDS + [MAX_TIMEOUT * 2])

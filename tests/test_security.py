@@ -114,21 +114,43 @@ def test_oversized_message_is_refused(here: SharedState, socket_path: str) -> No
 def test_bad_requests_get_errors_and_connection_keeps_serving(
     here: SharedState, socket_path: str
 ) -> None:
-    """Unknown operations, wrong arguments and non-pickles get an error reply."""
+    """Unknown operations and wrong arguments get an error reply to their request id,
+    and the connection goes on serving."""
     conn = authenticated(socket_path)
     try:
-        for request in (
-            protocol.dumps(("no_such_op",)),
-            protocol.dumps(("get",)),
-            protocol.dumps(("set", "k", object.__new__(object).__class__)),
-            protocol.dumps("not a tuple"),
-            b"\x80\x05garbage",
+        for rid, request in enumerate(
+            (
+                (1, "no_such_op"),
+                (1, "get"),
+                (1, "set", "k", object.__new__(object).__class__),
+            ),
+            start=1,
         ):
-            conn.send_bytes(request)
+            conn.send_bytes(protocol.dumps((rid, *request)))
             reply = protocol.loads(conn.recv_bytes())
-            assert reply[0] is False, request
-        conn.send_bytes(protocol.dumps(("get", "alive")))
-        assert protocol.loads(conn.recv_bytes()) == (True, pickle.dumps(True, protocol=5))
+            assert reply[:2] == (rid, False), request
+        conn.send_bytes(protocol.dumps((9, 1, "get", "alive")))
+        assert protocol.loads(conn.recv_bytes()) == (9, True, pickle.dumps(True, protocol=5))
+    finally:
+        conn.close()
+    assert_serving(here)
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [protocol.dumps("not a tuple"), b"\x80\x05garbage", protocol.dumps(("get", "k"))],
+    ids=["not-a-tuple", "not-a-pickle", "no-request-id"],
+)
+def test_unanswerable_request_closes_only_its_connection(
+    here: SharedState, socket_path: str, request_body: bytes
+) -> None:
+    """A request without a request id (not a tuple, not a pickle) cannot be answered:
+    the server hangs up on that connection alone and serves the others."""
+    conn = authenticated(socket_path)
+    try:
+        conn.send_bytes(request_body)
+        with pytest.raises((EOFError, OSError)):
+            conn.recv_bytes()
     finally:
         conn.close()
     assert_serving(here)

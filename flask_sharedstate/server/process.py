@@ -12,8 +12,17 @@ Lifetime rules (see ``docs/architecture.md``):
   second server for the same address stands down even if the socket file was
   deleted; and it listens again at its socket path if that file disappears,
   or stops if another server's socket replaced it.
-* One thread per client connection. A client that disconnects or dies
-  releases every lock it held and aborts its atomic block.
+* One event loop (:mod:`selectors`) serves every authenticated connection:
+  a client process holds one connection, shared by its threads and greenlets,
+  each of which is an *owner* with its own session (locks, atomic block). An
+  operation that must wait (a lock, an atomic block, a key one claimed) is
+  parked with its deadline, not given a thread, and tried again when a lock
+  or a block is let go. Replies are written without blocking; a peer that
+  does not read them is not read from until it does. A client that
+  disconnects or dies releases every lock its owners held and aborts their
+  atomic blocks; an owner that ends (``forget``) releases its own.
+* Each handshake runs in a short-lived thread of its own, by one deadline,
+  so handshakes never queue behind each other or behind requests.
 * Connections are capped in total and per peer (a process on a unix socket,
   an address on TCP), below the open-file limit: the excess is refused with a
   message that names the limit, in the accept loop, costing no thread.
@@ -49,12 +58,19 @@ except ImportError:  # Windows
 from . import processes, protocol
 from .persistence import Journal, NotPersisted, estimated_size
 from .protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER
-from .store import LockTimeout, Session, Store
+from .store import LockTimeout, Session, Store, WouldBlock
 from .versions import HEARTBEAT_BOUND, HEARTBEAT_INTERVAL, VersionTable, table_path
 
 log = logging.getLogger("flask_sharedstate.server")
 
 SWEEP_INTERVAL = 1.0
+
+#: Bytes asked of a connection per read.
+READ_SIZE = 65536
+
+#: A connection whose unsent replies pass this many bytes is not read from until
+#: they are taken: a peer that sends and never reads cannot grow the server.
+OUTPUT_HIGH_WATER = 4 * 1024 * 1024
 
 #: Descriptors kept free of connections: the listener, the journal and its
 #: compaction, /proc reads, the owner's pidfd, logging.
@@ -146,6 +162,83 @@ class PidFile:
         self.fd = -1
 
 
+class _Client:
+    """One authenticated connection: a client process, its owners' sessions, its buffers."""
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "peer",
+        "wait_timeout",
+        "shared",
+        "sessions",
+        "parked",
+        "inbox",
+        "outbox",
+        "events",
+        "closed",
+    )
+
+    def __init__(self, sock: socket.socket, peer: object, shared: Session) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.wait_timeout = shared.wait_timeout
+        #: the session of every owner that holds nothing (no lock, no atomic block)
+        self.shared = shared
+        #: owner -> its own session, while it holds a lock or an atomic block
+        self.sessions: dict[int, Session] = {}
+        #: owner -> its parked request
+        self.parked: dict[int, _Parked] = {}
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.events = selectors.EVENT_READ
+        self.closed = False
+
+
+class _Parked:
+    """A request that must wait (for a lock, an atomic block, a claimed key)."""
+
+    __slots__ = ("client", "rid", "owner", "session", "op", "args", "deadline", "done")
+
+    def __init__(
+        self,
+        client: _Client,
+        rid: int,
+        owner: int,
+        session: Session,
+        op: str,
+        args: tuple[Any, ...],
+        deadline: float,
+    ) -> None:
+        self.client = client
+        self.rid = rid
+        self.owner = owner
+        self.session = session
+        self.op = op
+        self.args = args
+        self.deadline = deadline
+        self.done = False
+
+
+_OWNED = frozenset(protocol.OWNED_OPERATIONS)
+
+
+def _still_blocked(parked: _Parked) -> bool:
+    """Whether a parked lock or atomic-block wait is plainly still blocked (a cheap
+    look, without the store's lock: only the event loop changes locks and blocks).
+    False means "try it": the operation itself decides."""
+    op, session = parked.op, parked.session
+    space = session.space
+    if op == "acquire":
+        holder = space.locks.get(parked.args[0]) if parked.args else None
+        return holder is not None and holder is not session
+    if op in ("txn_read", "txn_commit"):
+        owner = space.txn_owner
+        return owner is not None and owner is not session
+    return False
+
+
 class StateServer:
     """Serve one :class:`~.store.Store` on a listening socket until told to stop."""
 
@@ -210,6 +303,18 @@ class StateServer:
         self.refused = 0
         # Kept free so that a client can be told "no" when no other descriptor is left.
         self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        # -- the event loop's state
+        self._selector: selectors.BaseSelector | None = None
+        #: authenticated connections handed over by handshake threads
+        self._arrivals: list[tuple[socket.socket, object, str, float]] = []
+        self._arrivals_lock = threading.Lock()
+        #: parked requests, in arrival order
+        self._parked: list[_Parked] = []
+        #: the soonest deadline of a parked request (inf when none)
+        self._soonest = float("inf")
+        self._released_seen = 0
+        #: connections with replies to write after the current step
+        self._to_flush: set[_Client] = set()
 
     # -- lifetime --------------------------------------------------------------
 
@@ -226,19 +331,37 @@ class StateServer:
             threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         if self.store.journal is not None:
             threading.Thread(target=self._persist, args=(self.store.journal,), daemon=True).start()
-        sel = selectors.DefaultSelector()
+        sel = self._selector = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         next_check = time.monotonic() + SWEEP_INTERVAL
         try:
             while not self._stopping.is_set():
-                for key, _ in sel.select(SWEEP_INTERVAL):
-                    if key.fileobj is self.listener:
+                timeout = SWEEP_INTERVAL
+                if self._parked:
+                    timeout = max(min(timeout, self._soonest - time.monotonic()), 0)
+                for key, events in sel.select(timeout):
+                    client = key.data
+                    if client is not None:
+                        if events & selectors.EVENT_READ:
+                            self._read(client)
+                        if events & selectors.EVENT_WRITE and not client.closed:
+                            self._flush(client)
+                    elif key.fileobj is self.listener:
                         self._accept()
+                    else:
+                        self._welcome_arrivals()
+                if self._parked:
+                    self._retry_parked()
+                if self._to_flush:
+                    self._flush_all()
                 if self._socket_path is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + SWEEP_INTERVAL
                     self._check_socket_file(sel)
         finally:
+            for key in list(sel.get_map().values()):
+                if key.data is not None:
+                    self._drop(key.data)
             sel.close()
             with self.store.cond:  # after any reply: values cached from now on are dead
                 if self.store.versions is not None:
@@ -298,7 +421,7 @@ class StateServer:
         reason = self._admit(peer)
         if reason is None:
             try:
-                threading.Thread(target=self._serve_client, args=(sock, peer), daemon=True).start()
+                threading.Thread(target=self._handshake, args=(sock, peer), daemon=True).start()
                 return
             except RuntimeError:  # no thread can start: the process or system limit
                 self._leave(peer)
@@ -508,28 +631,25 @@ class StateServer:
         assert self.owner_pid is not None
         return not processes.process_gone(self.owner_pid, self.owner_start)
 
-    # -- one client --------------------------------------------------------------
+    # -- handshakes (a thread each, by one deadline) ----------------------------------
 
-    def _serve_client(self, sock: socket.socket, peer: object) -> None:
-        fd = sock.fileno()
+    def _handshake(self, sock: socket.socket, peer: object) -> None:
         try:
-            try:
-                deadline = time.monotonic() + protocol.HANDSHAKE_TIMEOUT
-                session = self._greet(protocol.Handshake(fd, deadline))
-            except Exception as exc:  # noqa: BLE001 - any failure costs only this connection
-                log.debug("handshake failed: %s", type(exc).__name__)
-                return
-            try:
-                self._serve_session(fd, session)
-            except (EOFError, OSError):
-                pass  # the client went away; its locks go with it
-            finally:
-                session.close()
-        finally:
+            deadline = time.monotonic() + protocol.HANDSHAKE_TIMEOUT
+            namespace, wait_timeout = self._greet(protocol.Handshake(sock.fileno(), deadline))
+        except Exception as exc:  # noqa: BLE001 - any failure costs only this connection
+            log.debug("handshake failed: %s", type(exc).__name__)
             sock.close()
             self._leave(peer)
+            return
+        with self._arrivals_lock:
+            self._arrivals.append((sock, peer, namespace, wait_timeout))
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass  # the pipe is full of wake-ups already: the loop will look
 
-    def _greet(self, conn: protocol.Handshake) -> Session:
+    def _greet(self, conn: protocol.Handshake) -> tuple[str, float]:
         """Handshake, hello and welcome: all by ``conn``'s one deadline."""
         protocol.server_handshake(conn, self.key)
         hello = protocol.loads(conn.recv_bytes(protocol.MAX_MESSAGE))
@@ -543,40 +663,242 @@ class StateServer:
         ):
             conn.send_bytes(protocol.dumps((False, "ValueError", ("unsupported hello",))))
             raise ValueError("unsupported hello")
-        session = self.store.session(hello[2], float(hello[3]))
         journal = self.store.journal
         welcome = {"pid": os.getpid(), "persist": None if journal is None else journal.path}
-        try:
-            conn.send_bytes(protocol.dumps((True, welcome)))
-        except BaseException:
-            session.close()
-            raise
-        return session
+        conn.send_bytes(protocol.dumps((True, welcome)))
+        return hello[2], float(hello[3])
 
-    def _serve_session(self, fd: int, session: Session) -> None:
-        read, write, loads, dumps = (
-            protocol.read_message,
-            protocol.write_reply,  # a reply over MAX_MESSAGE goes in parts
-            protocol.loads,
-            protocol.dumps,
-        )
-        while True:
-            request = read(fd)
+    # -- the event loop: connections, requests, parked waits --------------------------
+
+    def _welcome_arrivals(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except OSError:
+            pass
+        with self._arrivals_lock:
+            arrivals, self._arrivals = self._arrivals, []
+        assert self._selector is not None
+        for sock, peer, namespace, wait_timeout in arrivals:
+            sock.setblocking(False)
+            client = _Client(sock, peer, self.store.session(namespace, wait_timeout))
             try:
-                op, *args = loads(request)
-                if op == "read_versioned":
-                    reply: tuple[Any, ...] = (True, session.read_versioned(*args))
-                elif op == "info":
-                    reply = (True, self.info(session))
-                else:
-                    reply = (True, session.call(op, args))
-            except LockTimeout as exc:
-                reply = (False, "LockTimeout", exc.args)
-            except (KeyError, TypeError, ValueError, RuntimeError, NotPersisted) as exc:
-                reply = (False, type(exc).__name__, exc.args)
-            except Exception as exc:  # noqa: BLE001 - a bad request never stops the server
-                reply = (False, "ValueError", (f"bad request: {type(exc).__name__}",))
-            write(fd, dumps(reply))
+                self._selector.register(sock, selectors.EVENT_READ, client)
+            except (OSError, ValueError):
+                client.shared.close()
+                sock.close()
+                self._leave(peer)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = os.read(client.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        if not data:
+            self._drop(client)  # the client went away; its locks go with it
+            return
+        inbox = client.inbox
+        inbox += data
+        position, end = 0, len(inbox)
+        unpack = protocol.HEADER.unpack_from
+        while end - position >= 4:
+            (size,) = unpack(inbox, position)
+            if not 0 <= size <= protocol.MAX_MESSAGE:
+                self._drop(client)  # garbage or an oversized message: this connection only
+                return
+            if end - position - 4 < size:
+                break
+            body = bytes(inbox[position + 4 : position + 4 + size])
+            position += 4 + size
+            self._request(client, body)
+            if client.closed:
+                return
+        if position:
+            del inbox[:position]
+        if client.outbox:
+            self._flush(client)  # at once: the usual reply is one small write
+            self._to_flush.discard(client)
+
+    def _request(self, client: _Client, body: bytes) -> None:
+        try:
+            request = protocol.loads(body)
+            rid, owner, op = request[0], request[1], request[2]
+            if type(rid) is not int or type(owner) is not int or type(op) is not str:
+                raise ValueError("bad request")
+        except Exception:  # noqa: BLE001 - a request that cannot be answered: hang up
+            self._drop(client)
+            return
+        args = tuple(request[3:])
+        parked = client.parked.pop(owner, None)
+        if parked is not None:
+            parked.done = True  # an owner asks one thing at a time: its requester gave up
+        if op == protocol.FORGET:
+            session = client.sessions.pop(owner, None)
+            if session is not None:
+                session.close()
+            return
+        session = client.sessions.get(owner)
+        if session is None:
+            if op in _OWNED:
+                session = client.sessions[owner] = self.store.session(
+                    client.shared.space.name, client.wait_timeout
+                )
+            else:
+                session = client.shared
+        self._run(client, rid, owner, session, op, args, None)
+
+    def _run(
+        self,
+        client: _Client,
+        rid: int,
+        owner: int,
+        session: Session,
+        op: str,
+        args: tuple[Any, ...],
+        deadline: float | None,
+    ) -> bool:
+        """Run one request and queue its reply; False if it was parked (must wait)."""
+        try:
+            if op == "read_versioned":
+                reply: tuple[Any, ...] = (rid, True, session.read_versioned(*args))
+            elif op == "info":
+                reply = (rid, True, self.info(session))
+            else:
+                reply = (rid, True, session.attempt(op, args))
+        except WouldBlock as blocked:
+            current = time.monotonic()
+            if deadline is None:
+                deadline = current + blocked.timeout
+            if current < deadline:
+                if rid:
+                    parked = _Parked(client, rid, owner, session, op, args, deadline)
+                    client.parked[owner] = parked
+                    self._parked.append(parked)
+                    if deadline < self._soonest:
+                        self._soonest = deadline
+                return False
+            reply = (rid, False, "LockTimeout", blocked.timed_out().args)
+        except LockTimeout as exc:
+            reply = (rid, False, "LockTimeout", exc.args)
+        except (KeyError, TypeError, ValueError, RuntimeError, NotPersisted) as exc:
+            reply = (rid, False, type(exc).__name__, exc.args)
+        except Exception as exc:  # noqa: BLE001 - a bad request never stops the server
+            reply = (rid, False, "ValueError", (f"bad request: {type(exc).__name__}",))
+        if session is not client.shared and session.holds_nothing():
+            # It held nothing before and holds nothing now: back to the shared session.
+            if client.sessions.get(owner) is session:
+                del client.sessions[owner]
+            session.close()
+        if rid:
+            self._queue(client, rid, protocol.dumps(reply))
+        return True
+
+    def _queue(self, client: _Client, rid: int, body: bytes) -> None:
+        """Add a pickled reply to ``client``'s unsent output (in parts when it is large)."""
+        if client.closed:
+            return
+        outbox = client.outbox
+        header = protocol.HEADER.pack
+        if len(body) <= protocol.MAX_MESSAGE:
+            outbox += header(len(body))
+            outbox += body
+        else:
+            for part in protocol.reply_parts(rid, body):
+                outbox += header(len(part))
+                outbox += part
+        self._to_flush.add(client)
+
+    def _retry_parked(self) -> None:
+        """Answer parked requests whose wait is over: what they waited for was let go,
+        or their deadline passed."""
+        released = self.store.released
+        if released == self._released_seen and self._soonest > time.monotonic():
+            return
+        self._released_seen = released
+        waiting, self._parked = self._parked, []
+        self._soonest = float("inf")
+        now = time.monotonic()
+        for parked in waiting:
+            if parked.done or parked.client.closed:
+                continue
+            if parked.deadline > now and _still_blocked(parked):
+                # The common case in a crowd waiting for one lock: no need to try.
+                self._parked.append(parked)
+                if parked.deadline < self._soonest:
+                    self._soonest = parked.deadline
+                continue
+            client = parked.client
+            if client.parked.get(parked.owner) is parked:
+                del client.parked[parked.owner]
+            parked.done = True
+            if parked.session.closed:
+                continue
+            # Parked anew (in the same order) if it must still wait.
+            self._run(
+                client,
+                parked.rid,
+                parked.owner,
+                parked.session,
+                parked.op,
+                parked.args,
+                parked.deadline,
+            )
+        if self.store.released != released:
+            self._released_seen = -1  # something was let go meanwhile: look again next turn
+
+    def _flush_all(self) -> None:
+        clients, self._to_flush = self._to_flush, set()
+        for client in clients:
+            if not client.closed:
+                self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        """Write what ``client`` can take now; watch for room (and stop reading) if not all."""
+        outbox = client.outbox
+        if outbox:
+            try:
+                written = os.write(client.fd, outbox)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except OSError:
+                self._drop(client)
+                return
+            del outbox[:written]
+        if not outbox:
+            events = selectors.EVENT_READ
+        elif len(outbox) > OUTPUT_HIGH_WATER:
+            events = selectors.EVENT_WRITE
+        else:
+            events = selectors.EVENT_READ | selectors.EVENT_WRITE
+        if events != client.events:
+            client.events = events
+            assert self._selector is not None
+            self._selector.modify(client.sock, events, client)
+
+    def _drop(self, client: _Client) -> None:
+        """Close a connection: every lock and atomic block of its owners is let go."""
+        if client.closed:
+            return
+        client.closed = True
+        for parked in client.parked.values():
+            parked.done = True
+        client.parked.clear()
+        for session in client.sessions.values():
+            session.close()
+        client.sessions.clear()
+        client.shared.close()
+        assert self._selector is not None
+        try:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        client.inbox = bytearray()
+        client.outbox = bytearray()
+        self._to_flush.discard(client)
+        self._leave(client.peer)
 
     def info(self, session: Session) -> dict[str, Any]:
         journal = self.store.journal

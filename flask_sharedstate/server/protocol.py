@@ -9,14 +9,20 @@ connection limit sends, instead of the challenge, one message starting with
 that follows are bounded by one deadline (:class:`Handshake`). Then:
 
 * the client sends ``("hello", PROTOCOL_VERSION, namespace, wait_timeout)``;
-* each request is a pickled tuple ``(op, *args)``, each reply
-  ``(True, result)`` or ``(False, error_name, message)``;
+* then the connection is shared by every thread and greenlet of the client
+  process: each request is a pickled tuple ``(id, owner, op, *args)`` (the
+  owner is the thread or greenlet: it owns its locks and atomic block), each
+  reply ``(id, True, result)`` or ``(id, False, error_name, message)``, in
+  the order the server finishes them (a request that waits for a lock does
+  not hold up the others). ``(0, owner, "forget")`` says that an owner
+  ended; id 0 gets no reply;
 * a reply whose pickle is over :data:`MAX_MESSAGE` (``items`` of a large
-  namespace, say) goes in parts: ``("parts", count, size, first_part)``,
-  then ``count - 1`` messages, whose bodies, joined after ``first_part``,
+  namespace, say) goes in parts: ``(id, "parts", count, size, first_part)``,
+  then ``count - 1`` raw messages, whose bodies, joined after ``first_part``,
   are that pickle. The server takes the result in one atomic step; only its
-  sending is split. A request has no such form: the client refuses one over
-  the limit before sending it.
+  sending is split, and nothing else is sent on the connection between the
+  parts. A request has no such form: the client refuses one over the limit
+  before sending it.
 
 Values travel as stored: ``int`` and ``float`` as themselves (so the server
 can increment them), everything else as a pickled ``bytes`` blob that the
@@ -35,7 +41,26 @@ from multiprocessing.connection import answer_challenge, deliver_challenge
 from typing import Any, Protocol
 
 #: 2: replies over MAX_MESSAGE come in parts (a version-1 client would misread them).
-PROTOCOL_VERSION = 2
+#: 3: one connection per process: requests and replies carry an id, requests an owner.
+PROTOCOL_VERSION = 3
+
+#: The operation by which a client says that one of its owners (a thread or greenlet)
+#: ended: the server releases what that owner held. Sent with request id 0: no reply.
+FORGET = "forget"
+
+#: Operations whose caller the server keeps a session for (its locks, its atomic
+#: block); every other operation of an owner that holds nothing runs in its
+#: connection's shared session.
+OWNED_OPERATIONS = (
+    "acquire",
+    "release",
+    "extend",
+    "get_or_claim",  # may take get_or_set's lock
+    "fill",  # releases it
+    "txn_read",
+    "txn_commit",
+    "txn_abort",
+)
 
 #: The largest message either side accepts. A larger one closes the connection.
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -61,11 +86,11 @@ REFUSED = b"#REFUSED#"
 
 # Connection limits, defaults of the server's options and of the SHAREDSTATE_* keys
 # (here, not in process.py, so that config.py imports nothing Unix-only).
-#: Connections the server holds at once (``SHAREDSTATE_MAX_CONNECTIONS``): 4 gevent
-#: workers at gunicorn's default of 1,000 greenlets, or 32 gthread workers of 128.
+#: Connections the server holds at once (``SHAREDSTATE_MAX_CONNECTIONS``). A client
+#: process holds one per app, whatever its threads or greenlets: far more than enough.
 DEFAULT_MAX_CONNECTIONS = 4096
-#: Connections one peer may hold (``SHAREDSTATE_MAX_CONNECTIONS_PER_PEER``): one gevent
-#: worker at gunicorn's default ``--worker-connections 1000``, each greenlet with its own.
+#: Connections one peer may hold (``SHAREDSTATE_MAX_CONNECTIONS_PER_PEER``): a process
+#: holds one per app; on TCP, a peer is a whole client host.
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 1024
 
 #: ``ttl`` argument of a commit entry: leave the key's expiry as it is.
@@ -76,69 +101,13 @@ KEEP_TTL = "keep"
 HEADER = struct.Struct("!i")
 
 
-def write_message(fd: int, body: bytes | memoryview) -> None:
-    """Write one message to a blocking descriptor, in one system call where it fits."""
-    data = memoryview(HEADER.pack(len(body)) + body)
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-def read_message(fd: int, first_read: int = 65536) -> bytes:
-    """Read one message from a blocking descriptor: usually a single ``read``.
-
-    Raises EOFError when the peer closed, OSError for a message over
-    :data:`MAX_MESSAGE`, BlockingIOError when ``SO_RCVTIMEO`` expired.
-    """
-    buf = os.read(fd, first_read)
-    while len(buf) < 4:
-        if not buf:
-            raise EOFError("connection closed")
-        more = os.read(fd, first_read)
-        if not more:
-            raise EOFError("connection closed")
-        buf += more
-    (size,) = HEADER.unpack_from(buf)
-    if not 0 <= size <= MAX_MESSAGE:
-        raise OSError(f"bad message length {size}")
-    end = size + 4
-    if len(buf) < end:
-        parts = [buf]
-        have = len(buf)
-        while have < end:
-            chunk = os.read(fd, min(end - have, 1 << 20))
-            if not chunk:
-                raise EOFError("connection closed mid-message")
-            parts.append(chunk)
-            have += len(chunk)
-        buf = b"".join(parts)
-    return buf[4:end]
-
-
-def write_reply(fd: int, body: bytes) -> None:
-    """Write a pickled reply: one message, or in parts when it is over the limit."""
-    if len(body) <= MAX_MESSAGE:
-        write_message(fd, body)
-        return
+def reply_parts(rid: int, body: bytes) -> list[bytes | memoryview]:
+    """The messages of a reply over :data:`MAX_MESSAGE` to request ``rid``: a header
+    ``(rid, "parts", count, size, first_part)``, then the other parts, raw."""
     view = memoryview(body)
     starts = range(0, len(body), _PART)
-    # The first part travels inside the header: a message far longer than the
-    # client's first read, so that read never takes in bytes of the next one.
-    write_message(fd, dumps((PARTS, len(starts), len(body), bytes(view[:_PART]))))
-    for start in starts[1:]:
-        write_message(fd, view[start : start + _PART])
-
-
-def read_reply(fd: int) -> Any:
-    """Read and unpickle one reply, joining its parts if it came in several messages."""
-    reply = loads(read_message(fd))
-    if reply[0] != PARTS:
-        return reply
-    _, count, size, first = reply
-    # A 4-byte first read: a part's length, and nothing past the part's end.
-    body = b"".join([first, *[read_message(fd, 4) for _ in range(count - 1)]])
-    if len(body) != size:
-        raise OSError(f"a reply in parts was {len(body)} bytes, not the {size} announced")
-    return loads(body)
+    first = dumps((rid, PARTS, len(starts), len(body), bytes(view[:_PART])))
+    return [first, *(view[start : start + _PART] for start in starts[1:])]
 
 
 def dumps(message: Any) -> bytes:
@@ -244,15 +213,16 @@ def client_handshake(conn: MessageChannel, key: bytes) -> None:
     deliver_challenge(conn, key)  # type: ignore[arg-type]
 
 
-def write_within(fd: int, body: bytes, deadline: float) -> None:
+def write_within(fd: int, body: bytes, deadline: float, *, framed: bool = False) -> None:
     """Write one message to a blocking socket by ``deadline``, or raise :exc:`TimeoutError`.
 
     The first ``write`` is bounded by the socket's ``SO_SNDTIMEO`` (set it to no
     more than the time to the deadline); a message that does not fit the socket
     buffer at once is written on with the bound lowered to what remains. After a
     :exc:`TimeoutError` part of the message may have gone out: close the connection.
+    ``framed``: ``body`` is whole messages already (their headers included).
     """
-    data = memoryview(HEADER.pack(len(body)) + body)
+    data = memoryview(body if framed else HEADER.pack(len(body)) + body)
     try:
         data = data[os.write(fd, data) :]
         while data:

@@ -114,6 +114,9 @@ class Store:
         self.namespaces: dict[str, Namespace] = {}
         self.sessions = 0
         self._serial = 0
+        #: bumped whenever a lock or an atomic block is let go: a waiter parked by the
+        #: state server may now go on
+        self.released = 0
         #: where changes go before an operation's reply, when persistence is on
         self.journal = journal
         #: the operation under way: how to undo each of its changes, and their records
@@ -323,6 +326,8 @@ class Session:
         self.space = space
         self.wait_timeout = wait_timeout
         self.closed = False
+        #: how many locks this session holds
+        self.held = 0
 
     # -- helpers, called with store.cond held -------------------------------
 
@@ -361,6 +366,27 @@ class Session:
 
     def _remove(self, key: str) -> bool:
         return self.store.remove(self.space, key)
+
+    def holds_nothing(self) -> bool:
+        """Whether this session holds no lock and no atomic block (so may be let go)."""
+        return not self.held and self.space.txn_owner is not self
+
+    def attempt(self, op: str, args: tuple[Any, ...]) -> Any:
+        """Run one operation as one atomic step, or raise :exc:`WouldBlock` having
+        changed nothing: the state server parks it and tries again when something
+        is released (:attr:`Store.released`)."""
+        method = OPERATIONS.get(op)
+        if method is None:
+            raise ValueError(f"unknown operation {op!r}")
+        store = self.store
+        with store.cond:
+            try:
+                result = method(self, *args)
+            except BaseException:
+                store.rollback()
+                raise
+            store.commit()
+            return result
 
     def call(self, op: str, args: tuple[Any, ...]) -> Any:
         """Run one operation as one atomic step, waiting (in this thread) where it must.
@@ -627,12 +653,15 @@ class Session:
                 return False
             self._wait(lambda: name in locks, timeout, f"lock {name!r}")
         locks[name] = self
+        self.held += 1
         return True
 
     def release(self, name: str) -> None:
         if self.space.locks.get(name) is not self:
             raise RuntimeError(f"lock {name!r} is not held by this client")
         del self.space.locks[name]
+        self.held -= 1
+        self.store.released += 1
         self.store.cond.notify_all()
 
     def extend(self, name: str, additional: float | None = None) -> bool:
@@ -686,6 +715,7 @@ class Session:
         if space.txn_owner is self:
             space.txn_owner = None
             space.txn_keys = set()
+            self.store.released += 1
             self.store.cond.notify_all()
 
     def _check_block(self, session_id: int | None) -> None:
@@ -753,8 +783,11 @@ class Session:
             self.closed = True
             self.store.sessions -= 1
             locks = self.space.locks
-            for name in [n for n, owner in locks.items() if owner is self]:
-                del locks[name]
+            if self.held:
+                for name in [n for n, owner in locks.items() if owner is self]:
+                    del locks[name]
+                self.held = 0
+                self.store.released += 1
             self._end()
             self.store.cond.notify_all()
 
