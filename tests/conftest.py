@@ -101,7 +101,13 @@ def sigstop(pid: int, timeout: float = 10.0) -> None:
                 return False
         return True
 
-    wait_for(all_stopped, timeout, interval=0.001)
+    try:
+        wait_for(all_stopped, timeout, interval=0.001)
+    except BaseException:
+        # Never leave it stopped: a stopped server cannot see its owner go, and would
+        # outlive the run. (The caller's own SIGCONT is in a try it has not entered yet.)
+        os.kill(pid, signal.SIGCONT)
+        raise
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
