@@ -26,7 +26,7 @@ from flask.cli import AppGroup, ScriptInfo
 
 from .backends.manager import ManagerBackend
 from .backends.redis import RedisBackend
-from .config import _manager_unsupported
+from .config import manager_unsupported
 from .errors import SharedStateError
 from .extension import AppState
 from .operations import MISSING, Direct
@@ -169,7 +169,7 @@ def status() -> None:
     click.echo(f"backend:     {backend.name}")
     click.echo(f"address:     {backend.address}")
     click.echo(f"namespace:   {state.settings.namespace}")
-    unsupported = _manager_unsupported()
+    unsupported = manager_unsupported()
     if unsupported is not None:
         click.echo(
             f"platform:    {unsupported}: 'memory' (one process) and 'redis' work here,"

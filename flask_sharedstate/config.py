@@ -152,7 +152,7 @@ def _own_xdg_runtime_dir() -> str | None:
         return None
 
 
-def _manager_unsupported() -> str | None:
+def manager_unsupported() -> str | None:
     """Why this platform cannot run the manager backend, or None if it can."""
     try:
         import fcntl  # noqa: F401 - the election's file lock
@@ -274,7 +274,7 @@ def load_settings(app: Flask) -> Settings:
         redis_options = check(redis_url, config["SHAREDSTATE_REDIS_OPTIONS"])
 
     if backend == "manager":
-        unsupported = _manager_unsupported()
+        unsupported = manager_unsupported()
         if unsupported is not None:
             raise ConfigError(
                 f"SHAREDSTATE_BACKEND = 'manager' needs its own state server process, and"
